@@ -208,7 +208,6 @@ def build_index(
     raw_path = work / "raw.h5"
     done: Dict[str, Tuple[int, float]] = {}
     writer = None
-    reused = 0
     if raw_path.is_file():
         try:
             rows, attrs = store.read_rows(raw_path)
@@ -239,11 +238,10 @@ def build_index(
                                      [float(old["file_mtime"][j]) for j in take], old[src][take].astype(np.float32)))
             for j in take:
                 done[old["names"][j]] = (int(old["file_size"][j]), float(old["file_mtime"][j]))
-            reused += len(take)
     # rows of the work folder are only valid if the file did not change since
     stale = [n for n, st in done.items() if n in want and _stat(want[n].path) != st]
     todo = [e for e in entries if e.name not in done or e.name in stale]
-    reused += sum(1 for n in done if n in want and n not in stale)
+    reused = sum(1 for n in done if n in want and n not in stale)
     if reused:
         say(f"resuming: {reused} image(s) already extracted, {len(todo)} to go")
 
@@ -258,12 +256,13 @@ def build_index(
         # images whose local features exist already (work folder or old index) are skipped
         if old_manifest and (old_manifest.get("local") or {}).get("key") == local_ext.key() and (out / "local.h5").is_file():
             local_writer.copy_from(out / "local.h5", [n for n in want if n not in stale])
-    # -- extract
+    # -- extract: decode once, at the larger of the global and local sizes; each shrinks further itself
     t0 = time.time()
     extracted = 0
+    decode_side = _decode_side(ext.max_side, local_ext.max_side if local_ext is not None else ext.max_side)
     pb = _progress(total=len(todo), desc=f"extract: {ext.name}", enabled=progress)
     try:
-        it = iter_decoded(todo, ext.max_side, workers=workers)
+        it = iter_decoded(todo, decode_side, workers=workers)
         for kind, item in _batches(it, ext, batch_size):
             if kind == "error":
                 i, e, err = item
@@ -273,7 +272,7 @@ def build_index(
                 _log(f"skipped {e.path}: {err.cause}", pb)
                 pb.update()
                 continue
-            imgs = [img for _, _, img in item]
+            imgs = [shrink(img, ext.max_side) for _, _, img in item]
             try:
                 raw = ext.extract(imgs)
             except CbirError:
@@ -307,7 +306,7 @@ def build_index(
             if local_ext is not None:
                 for _, e, img in item:
                     if e.name not in local_writer:
-                        local_writer.put(e.name, local_ext.extract(img))
+                        _put_local(local_writer, local_ext, e, img, pb)
                 local_writer.flush()
             extracted += len(item)
             pb.update(len(item))
@@ -322,7 +321,7 @@ def build_index(
             pb = _progress(total=len(missing), desc=f"local: {local}", enabled=progress)
             for _, e, img in iter_decoded(missing, local_ext.max_side, workers=workers):
                 if not isinstance(img, DecodeError):
-                    local_writer.put(e.name, local_ext.extract(img))
+                    _put_local(local_writer, local_ext, e, img, pb)
                 pb.update()
             pb.close()
         local_writer.close()
@@ -349,23 +348,14 @@ def build_index(
     labels = [want[n].label for n in names]
     sizes = [int(rows["file_size"][j]) for j in order]
     mtimes = [float(rows["file_mtime"][j]) for j in order]
-    with store.FeatureWriter(commit / store.FEATURES, final.shape[1], "f4", key="descriptors") as w:
-        w.append(store.Rows(names, paths, labels, sizes, mtimes, final.astype(np.float32)))
+    codes = ext.encode(final) if ext.binary else None
+    extra = {}
     if ext.needs_post_fit:
-        with store.FeatureWriter(commit / store.FEATURES, raw.shape[1], "f4", key="raw") as w:
-            pass
-        import h5py
-
-        with h5py.File(commit / store.FEATURES, "a") as f:
-            d = f["raw"]
-            d.resize((len(raw), raw.shape[1]))
-            d[:] = raw
-    if ext.binary:
-        codes = ext.encode(final)
-        import h5py
-
-        with h5py.File(commit / store.FEATURES, "a") as f:
-            f.create_dataset("codes", data=codes)
+        extra["raw"] = raw.astype(np.float32)  # what a later rebuild re-fits the post transform on
+    if codes is not None:
+        extra["codes"] = codes
+    store.write_features(commit / store.FEATURES, store.Rows(names, paths, labels, sizes, mtimes, final.astype(np.float32)), extra)
+    if codes is not None:
         index = HammingIndex(codes.shape[1] * 8)
         index.add(codes)
         metric = "hamming"
@@ -409,6 +399,24 @@ def build_index(
     return BuildReport(out=out, count=len(names), failures=failures, reused=reused, extracted=extracted, seconds=seconds, manifest=manifest)
 
 
+def _put_local(writer, local_ext, e: Entry, img: np.ndarray, pb) -> None:
+    """Store one image's local features; a failure leaves that image without them (re-ranking scores it 0)."""
+    try:
+        writer.put(e.name, local_ext.extract(img))
+    except Exception as err:  # noqa: BLE001 - reported with the file name, the global row stays
+        _log(f"warning: {e.path}: no local features ({err})", pb)
+
+
+def _decode_side(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    return None if a is None or b is None else max(a, b)
+
+
+def shrink(img: np.ndarray, side: Optional[int]) -> np.ndarray:
+    from .data import resize_max_side
+
+    return resize_max_side(img, side) if side else img
+
+
 def _pre_post_state(arrays: Dict[str, np.ndarray], ext: Extractor) -> Dict[str, np.ndarray]:
     """State saved by an index includes post-fit arrays; before re-fitting post, keep only the fit part."""
     keep = getattr(ext, "fit_state_keys", None)
@@ -421,7 +429,7 @@ def _extract_singly(ext, item, failures, strict, pb, exc):
     out = []
     for _, e, img in item:
         try:
-            out.append(ext.extract([img])[0])
+            out.append(ext.extract([shrink(img, ext.max_side)])[0])
         except Exception as err:  # noqa: BLE001 - reported with the file name
             if strict:
                 raise CbirError(f"--strict: {e.path}: extraction failed ({err})") from err
@@ -582,10 +590,10 @@ def evaluate(
     t_start = time.time()
     idx = index if isinstance(index, Index) else Index(index)
     q_entries, source = _query_entries(idx, dataset, split, queries, root, datasets_yaml)
-    if any(e.label is None for e in q_entries):
-        raise CbirError("every query needs a label to be evaluated (the list has unlabelled entries)")
     if all(l is None for l in idx.labels):
         raise CbirError(f"{idx.folder}: the gallery has no labels; build it from a labelled list to evaluate")
+    if any(e.label is None for e in q_entries):
+        raise CbirError("every query needs a label to be evaluated (the list has unlabelled entries)")
 
     # gallery-side label counts
     gl = np.array(["" if l is None else str(l) for l in idx.labels], dtype=object)

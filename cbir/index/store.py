@@ -104,6 +104,14 @@ class FeatureWriter:
         self.close()
 
 
+def write_features(path: os.PathLike, rows: Rows, extra: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """Write a complete features file: row metadata, ``descriptors`` and ``extra`` arrays (``codes``, ``raw``)."""
+    with FeatureWriter(path, rows.values.shape[1], "f4", key="descriptors") as w:
+        w.append(rows)
+        for k, v in (extra or {}).items():
+            w.f.create_dataset(k, data=v)
+
+
 def read_rows(path: os.PathLike, key: Optional[str] = None) -> Tuple[Dict[str, np.ndarray], dict]:
     """All datasets of a features file as numpy arrays (strings decoded) and its attributes."""
     h5py = _h5py()

@@ -198,10 +198,29 @@ class _TorchvisionStyle(Backbone):
         return dict(zip(self.stages, maps))
 
 
+#: families addressed as ``prefix:argument`` (e.g. ``paddle:mobilenet_v2``, ``paddle-jit:PATH``): prefix -> factory(arg, weights)
+BACKBONE_PREFIXES: Registry = Registry("backbone family")
+
+
 def build_backbone(name: str, weights=None) -> Backbone:
     """A backbone by name, with offline weights (``weights``: explicit file path, else where cbir finds it)."""
     _register_torchvision_style()
+    if ":" in name:
+        prefix, arg = name.split(":", 1)
+        _load_prefix_plugins()
+        return BACKBONE_PREFIXES.get(prefix)(arg, weights=weights)
     return BACKBONES.get(name)(weights=weights)
+
+
+def _load_prefix_plugins() -> None:
+    import importlib
+
+    for mod in ("cbir.models.paddle",):
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:  # the module itself is optional; its own imports fail loudly when used
+            if e.name != mod:
+                raise
 
 
 _TV_DONE = False

@@ -1,0 +1,186 @@
+"""Speed, side by side and as ratios in one run (JSON in benchmarks/results/speed.json).
+
+1. Extraction: images/s of cbir's extractor on real images (decoding included, as `index build` runs it)
+   next to the raw network forward alone on pre-decoded tensors; the ratio is cbir's overhead.
+2. Search: ms per query of cbir's cosine and Hamming indexes at 100k and 1M synthetic vectors next
+   to the raw faiss index on the same data; the ratio is cbir's overhead.
+3. Threads: torch at 1 and 2 threads with OMP_WAIT_POLICY PASSIVE (cbir's default) vs ACTIVE, with and
+   without a second process loading the CPU (subprocesses, so the policy is read at start-up).
+
+    python benchmarks/speed.py [--images 60] [--sizes 100000 1000000] [--skip-threads]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+
+def _images(n: int):
+    from cbir.data import load_dataset
+
+    for name in ("corel1k", "demo"):
+        try:
+            return name, load_dataset(name).gallery[:n]
+        except Exception:  # noqa: BLE001 - corel1k may be absent; the demo set is always there
+            continue
+    raise SystemExit("no dataset available")
+
+
+def bench_extraction(n_images: int) -> dict:
+    import torch
+
+    from cbir.data import iter_decoded
+    from cbir.extractors import configure, make_extractor
+    from cbir.extractors.runtime import images_to_batches
+
+    ds, entries = _images(n_images)
+    out = {"dataset": ds, "images": len(entries), "rows": {}}
+    for label, (name, conf) in {
+        "pooled aliked-n16": configure("pooled", backbone="aliked-n16"),
+        "pooled aliked-t16": configure("pooled", backbone="aliked-t16"),
+        "pooled xfeat": configure("pooled", backbone="xfeat"),
+        "pooled disk": configure("pooled", backbone="disk"),
+        "colour": configure("colour"),
+    }.items():
+        ext = make_extractor(name, conf)
+        imgs = [img for _, _, img in iter_decoded(entries, ext.max_side)]
+        ext.extract(imgs[:2])  # warm-up (weights loaded)
+        # cbir: decode + describe, as index build runs it (decoding overlapped in threads)
+        t0 = time.time()
+        batch = []
+        for _, _, img in iter_decoded(entries, ext.max_side, workers=2):
+            batch.append(img)
+            if len(batch) == 16:
+                ext.describe(batch)
+                batch = []
+        if batch:
+            ext.describe(batch)
+        t_cbir = time.time() - t0
+        row = {"cbir_images_per_s": round(len(entries) / t_cbir, 2)}
+        if name == "pooled":
+            net = ext.net
+            tensors = [t for _, t in images_to_batches(imgs[:1])] + [t for i in range(1, len(imgs)) for _, t in images_to_batches(imgs[i : i + 1])]
+            with torch.inference_mode():
+                t0 = time.time()
+                for t in tensors:
+                    net(t)
+                t_raw = time.time() - t0
+            row["raw_forward_images_per_s"] = round(len(imgs) / t_raw, 2)
+            row["cbir_over_raw_time_ratio"] = round(t_cbir / t_raw, 3)
+        out["rows"][label] = row
+        print(f"extract {label:20s} {row}", flush=True)
+    return out
+
+
+def bench_search(sizes, dim: int = 256, bits: int = 256, n_queries: int = 200, k: int = 10) -> dict:
+    import faiss
+
+    from cbir.index.faiss_index import CosineIndex, HammingIndex, l2_normalise
+
+    rng = np.random.default_rng(0)
+    out = {"dim": dim, "bits": bits, "queries": n_queries, "k": k, "rows": {}}
+    for n in sizes:
+        x = l2_normalise(rng.standard_normal((n, dim), dtype=np.float32))
+        q = l2_normalise(rng.standard_normal((n_queries, dim), dtype=np.float32))
+        raw = faiss.IndexFlatIP(dim)
+        raw.add(x)
+        ours = CosineIndex(dim)
+        ours.add(x)
+        t0 = time.time(); raw.search(q, k); t_raw = time.time() - t0
+        t0 = time.time(); ours.search(q, k); t_ours = time.time() - t0
+        t0 = time.time(); ours.search(q, k, exclude=np.arange(n_queries)); t_loo = time.time() - t0
+        del x
+        codes = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
+        qc = rng.integers(0, 256, (n_queries, bits // 8), dtype=np.uint8)
+        rawb = faiss.IndexBinaryFlat(bits)
+        rawb.add(codes)
+        oursb = HammingIndex(bits)
+        oursb.add(codes)
+        t0 = time.time(); rawb.search(qc, k); tb_raw = time.time() - t0
+        t0 = time.time(); oursb.search(qc, k); tb_ours = time.time() - t0
+        del codes
+        row = {
+            "cosine_ms_per_query": round(1000 * t_ours / n_queries, 3),
+            "cosine_raw_faiss_ms_per_query": round(1000 * t_raw / n_queries, 3),
+            "cosine_ratio": round(t_ours / t_raw, 3),
+            "cosine_leave_one_out_ms_per_query": round(1000 * t_loo / n_queries, 3),
+            "hamming_ms_per_query": round(1000 * tb_ours / n_queries, 3),
+            "hamming_raw_faiss_ms_per_query": round(1000 * tb_raw / n_queries, 3),
+            "hamming_ratio": round(tb_ours / tb_raw, 3),
+            "cosine_over_hamming_time_ratio": round(t_ours / tb_ours, 3),
+        }
+        out["rows"][str(n)] = row
+        print(f"search n={n}: {row}", flush=True)
+    return out
+
+
+_THREAD_PROBE = r"""
+import time, torch, numpy as np, sys
+torch.set_num_threads(int(sys.argv[1]))
+from cbir.models.backbones import build_backbone
+net = build_backbone('xfeat'); x = torch.rand(1, 3, 480, 640)
+with torch.inference_mode():
+    net(x); t = time.time()
+    for _ in range(10): net(x)
+print((time.time() - t) / 10)
+"""
+
+
+def bench_threads() -> dict:
+    out = {}
+    for load in (False, True):
+        hog = None
+        if load:  # a second process keeping one core busy, as on a shared machine
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for policy in ("PASSIVE", "ACTIVE"):
+                for threads in (1, 2):
+                    env = {**os.environ, "OMP_WAIT_POLICY": policy}
+                    r = subprocess.run([sys.executable, "-c", _THREAD_PROBE, str(threads)], capture_output=True, text=True, env=env, cwd=REPO)
+                    s = float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+                    key = f"{'busy' if load else 'idle'} {policy} threads={threads}"
+                    out[key] = {"xfeat_cnn_seconds_640x480": round(s, 4) if s else r.stderr[-300:]}
+                    print(f"threads {key}: {out[key]}", flush=True)
+        finally:
+            if hog:
+                hog.kill()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=60)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-threads", action="store_true")
+    a = ap.parse_args()
+    from cbir.extractors.runtime import set_threads
+
+    set_threads(a.threads)
+    res = {"machine": {"cpus": os.cpu_count(), "torch_threads": a.threads}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res["extraction"] = bench_extraction(a.images)
+    res["search"] = bench_search(a.sizes)
+    if not a.skip_threads:
+        res["threads"] = bench_threads()
+    (HERE / "results").mkdir(exist_ok=True)
+    path = HERE / "results" / "speed.json"
+    path.write_text(json.dumps(res, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

