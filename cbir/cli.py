@@ -141,7 +141,7 @@ def cmd_query(a) -> int:
     if a.rerank:
         from .local.rerank import Reranker
 
-        res = Reranker(idx, a.rerank).query_images(a.images, top_k=a.top_k, top=a.rerank_top)
+        res = Reranker(idx, a.rerank, conf=_rerank_conf(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top)
     else:
         res = idx.query_images(a.images, top_k=a.top_k)
     if a.json:
@@ -157,6 +157,24 @@ def cmd_query(a) -> int:
     if a.grid:
         _grid(idx, res, a.grid)
     return 0
+
+
+def _rerank_conf(a) -> Dict[str, Any]:
+    conf: Dict[str, Any] = {}
+    if getattr(a, "rerank_keypoints", None) is not None:
+        conf["max_keypoints"] = a.rerank_keypoints
+    if getattr(a, "min_inliers", None) is not None:
+        conf["min_inliers"] = a.min_inliers
+    return conf
+
+
+def _add_rerank(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("geometric re-ranking (index built with --local FEATURES)")
+    g.add_argument("--rerank", metavar="MATCHER", help="verify the top candidates and re-order them by RANSAC inliers: lighterglue (xfeat), "
+                   "lightglue (aliked, disk), mnn, kdtree, loftr (--weights)")
+    g.add_argument("--rerank-top", type=int, default=100, help="candidates to verify per query (default: %(default)s)")
+    g.add_argument("--rerank-keypoints", type=int, help="strongest keypoints per image given to the matcher (default 512)")
+    g.add_argument("--min-inliers", type=int, help="inliers a candidate needs to move up (default 15)")
 
 
 def _grid(idx, res, out: str) -> None:
@@ -175,7 +193,9 @@ def _grid(idx, res, out: str) -> None:
         path = out if len(res) == 1 else f"{base}_{qi}{ext or '.png'}"
         imgs = [load(r["path"]) for r in q["results"]]
         titles = [f"#{r['rank']} {r['label_name'] if r['label_name'] is not None else ''}\n{r['score']:.3f}" for r in q["results"]]
-        result_grid(load(q["query"]), "query\n" + os.path.basename(q["query"]), imgs, titles, path)
+        ql = q.get("query_label")
+        correct = [None if ql is None or r["label"] is None else r["label"] == ql for r in q["results"]]
+        result_grid(load(q["query"]), "query\n" + os.path.basename(q["query"]), imgs, titles, path, correct=correct)
         print(f"grid written to {path}", file=sys.stderr)
 
 
@@ -190,7 +210,7 @@ def cmd_eval(a) -> int:
 
         load_index(a.index).check_extractor(a.extractor)
     rep = evaluate(a.index, dataset=a.dataset, split=a.split, queries=a.queries, root=a.root, ks=a.k, rerank=a.rerank,
-                   rerank_top=a.rerank_top, max_rank=a.max_rank, datasets_yaml=a.datasets, progress=not a.quiet,
+                   rerank_top=a.rerank_top, rerank_conf=_rerank_conf(a), max_rank=a.max_rank, datasets_yaml=a.datasets, progress=not a.quiet,
                    workers=a.workers, plot=a.plot)
     _print_eval(rep, a.k)
     if a.json:
@@ -307,8 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     q.add_argument("--grid", metavar="PNG", help="draw the query and its top k with labels and scores (one file per query: PNG_0, PNG_1...)")
     q.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
-    q.add_argument("--rerank", metavar="MATCHER", help="re-rank the top candidates by RANSAC inliers: lighterglue, lightglue, mnn, kdtree (index built with --local)")
-    q.add_argument("--rerank-top", type=int, default=100, help="candidates to verify (default: %(default)s)")
+    _add_rerank(q)
     _add_common(q)
     q.set_defaults(func=cmd_query)
 
@@ -322,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="PATH", help="write the report as JSON")
     e.add_argument("--plot", metavar="PNG", help="draw the precision-recall curve")
     e.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
-    e.add_argument("--rerank", metavar="MATCHER", help="also report metrics after geometric re-ranking (metrics_rerank)")
-    e.add_argument("--rerank-top", type=int, default=100, help="candidates to verify per query (default: %(default)s)")
+    _add_rerank(e)
     e.add_argument("--max-rank", type=int, help="rank only this many results per query (mAP then counts relevant items beyond as misses)")
     e.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
     _add_common(e)

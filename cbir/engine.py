@@ -27,6 +27,9 @@ from .index.faiss_index import CosineIndex, HammingIndex
 
 PathLike = Union[str, os.PathLike]
 STATE_FILE = "extractor.h5"
+#: local features stored for re-ranking: the 1024 strongest keypoints at up to 1024 px (re-ranking matches
+#: the 512 strongest by default; see cbir.local.rerank)
+LOCAL_DEFAULTS: Dict[str, Any] = {"max_keypoints": 1024, "max_side": 1024}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -251,7 +254,7 @@ def build_index(
     if local:
         from .local.store import LocalFeatureStore, make_local_extractor
 
-        local_ext = make_local_extractor(local, local_conf or {})
+        local_ext = make_local_extractor(local, {**LOCAL_DEFAULTS, **(local_conf or {})})
         local_writer = LocalFeatureStore(work / "local.h5", mode="a")
         # images whose local features exist already (work folder or old index) are skipped
         if old_manifest and (old_manifest.get("local") or {}).get("key") == local_ext.key() and (out / "local.h5").is_file():
@@ -527,8 +530,10 @@ class Index:
                 r = self._row_of_path(p)
                 ex = np.array([-1 if r is None else r])
             scores, ids = self.search(vec, top_k, exclude=ex)
+            r = self._row_of_path(p)
             out.append({
                 "query": str(p),
+                "query_label": None if r is None else self.labels[r],
                 "seconds": round(time.time() - t0, 4),
                 "results": [self.result(int(i), float(s), r + 1) for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0],
             })

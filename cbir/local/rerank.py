@@ -67,11 +67,12 @@ class Reranker:
 
     ``conf``: ``model`` (homography), ``verify`` (options of :func:`~cbir.local.verify.verify`), ``min_inliers``
     (15), ``matcher_conf`` (options of the matcher), ``weights`` (matcher weight file), ``device`` (cpu),
-    ``cache_mb`` (256: candidate features kept in memory between queries).
+    ``cache_mb`` (256: candidate features kept in memory between queries), ``max_keypoints`` (512: the
+    strongest keypoints of each image that are matched; attention matchers cost grows with its square).
     """
 
     DEFAULTS: Dict[str, Any] = {"model": "homography", "verify": {}, "min_inliers": 15, "matcher_conf": {}, "weights": None,
-                                "device": "cpu", "cache_mb": 256}
+                                "device": "cpu", "cache_mb": 256, "max_keypoints": 512}
 
     def __init__(self, index, matcher: str, conf: Optional[Dict[str, Any]] = None) -> None:
         from . import build_matcher
@@ -126,7 +127,7 @@ class Reranker:
             name = str(self.index.names[i])
             if name not in self.store:
                 return None
-            item = self.store.get(name)
+            item = strongest(self.store.get(name), self.conf["max_keypoints"])
         size = sum(np.asarray(v).nbytes for v in item.values()) if isinstance(item, dict) else np.asarray(item).nbytes
         self._cache[i] = item
         self._cache_bytes += size
@@ -139,9 +140,9 @@ class Reranker:
     def query_item(self, entry) -> Any:
         """Features (or the image, for a detector-free matcher) of a query ``Entry``: stored ones when it is indexed."""
         if not self.matcher.detector_free and self.store is not None and entry.name in self.store:
-            return self.store.get(entry.name)
+            return strongest(self.store.get(entry.name), self.conf["max_keypoints"])
         img = self._image(entry.path)
-        return img if self.matcher.detector_free else self.extractor.extract(img)
+        return img if self.matcher.detector_free else strongest(self.extractor.extract(img), self.conf["max_keypoints"])
 
     # -- ranking
     def rerank_item(self, query: Any, ids: np.ndarray, top: int = 100) -> np.ndarray:
@@ -180,14 +181,17 @@ class Reranker:
             s, ids = idx.search(vec, k)
             score_of = {int(i): float(v) for i, v in zip(ids[0], s[0]) if i >= 0}
             img = self._image(p)
-            new = self.rerank_item(img if self.matcher.detector_free else self.extractor.extract(img), ids[0], top=top)
+            q = img if self.matcher.detector_free else strongest(self.extractor.extract(img), self.conf["max_keypoints"])
+            new = self.rerank_item(q, ids[0], top=top)
             results = []
             for r, i in enumerate([int(i) for i in new if i >= 0][: int(top_k)]):
                 row = idx.result(i, score_of[i], r + 1)
                 if i in self.last_inliers and self.last_inliers[i] >= 0:
                     row["inliers"] = self.last_inliers[i]
                 results.append(row)
-            out.append({"query": str(p), "seconds": round(time.time() - t0, 4), "results": results})
+            row_q = idx._row_of_path(p)
+            out.append({"query": str(p), "query_label": None if row_q is None else idx.labels[row_q],
+                        "seconds": round(time.time() - t0, 4), "results": results})
         return out
 
     def describe(self) -> Dict[str, Any]:
@@ -198,11 +202,20 @@ class Reranker:
             "model": self.conf["model"],
             "verify": dict(self.conf["verify"]),
             "min_inliers": int(self.conf["min_inliers"]),
+            "max_keypoints": self.conf["max_keypoints"],
         }
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+def strongest(feats: Dict[str, np.ndarray], k: Optional[int]) -> Dict[str, np.ndarray]:
+    """The ``k`` keypoints of highest score (all when ``k`` is falsy or there are fewer)."""
+    if not k or len(feats["scores"]) <= int(k):
+        return feats
+    o = np.argsort(-np.asarray(feats["scores"]), kind="stable")[: int(k)]
+    return {**feats, "keypoints": feats["keypoints"][o], "descriptors": feats["descriptors"][o], "scores": feats["scores"][o]}
 
 
 def _detector_free(name: str) -> bool:
