@@ -202,7 +202,8 @@ def build_index(
                     if not isinstance(img, DecodeError):
                         yield img
 
-            ext.fit(sample_images(), wrap=lambda it, desc: _progress(it, total=len(sample), desc=f"fit: {desc}", enabled=progress))
+            ext.fit(sample_images(), wrap=lambda it, desc: _progress(it, total=len(sample), desc=f"fit: {desc}", enabled=progress),
+                    n=len(sample))
             save_state(work / STATE_FILE, ext.state())
     seconds["fit"] = round(time.time() - t0, 3)
     key = ext.key(with_state=True)

@@ -84,8 +84,8 @@ class Extractor:
         """How many gallery images ``fit`` samples."""
         return int(self.conf.get("fit_images", 0))
 
-    def fit(self, images: Iterable[np.ndarray], wrap: Callable = None) -> None:
-        """Learn state from sample ``images`` (an iterable consumed once); ``wrap(iterable, desc)`` may add a progress bar."""
+    def fit(self, images: Iterable[np.ndarray], wrap: Callable = None, n: Optional[int] = None) -> None:
+        """Learn state from sample ``images`` (an iterable of ``n`` images consumed once); ``wrap(iterable, desc)`` may add a progress bar."""
 
     def fit_post(self, raw: np.ndarray) -> None:
         pass

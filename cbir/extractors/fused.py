@@ -6,7 +6,7 @@ L2-normalised, so its cosine similarity is the w-weighted mean of the parts' cos
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -74,10 +74,10 @@ class FusedExtractor(Extractor):
     def fit_images(self) -> int:
         return max(int(e.conf.get("fit_images", 0)) for e in self.parts if e.needs_fit)
 
-    def fit(self, images: Iterable[np.ndarray], wrap=None) -> None:
+    def fit(self, images: Iterable[np.ndarray], wrap=None, n: Optional[int] = None) -> None:
         """One pass over the sample feeds every part that learns something (each at its own size)."""
         parts = [e for e in self.parts if e.needs_fit]
-        collectors = [e.fit_collector() for e in parts]
+        collectors = [e.fit_collector(n) for e in parts]
         wrap = wrap or (lambda it, desc: it)
         for img in wrap(images, "fused: local descriptors for the codebooks"):
             for e, c in zip(parts, collectors):

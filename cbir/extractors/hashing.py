@@ -76,8 +76,8 @@ class HashExtractor(Extractor):
     def fit_images(self) -> int:
         return int(getattr(self.base, "fit_images", 0) or self.base.conf.get("fit_images", 0))
 
-    def fit(self, images: Iterable[np.ndarray], wrap=None) -> None:
-        self.base.fit(images, wrap=wrap)
+    def fit(self, images: Iterable[np.ndarray], wrap=None, n=None) -> None:
+        self.base.fit(images, wrap=wrap, n=n)
 
     def fit_post(self, raw: np.ndarray) -> None:
         if self.base.needs_post_fit:

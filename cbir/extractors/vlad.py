@@ -82,15 +82,15 @@ class VladExtractor(Extractor):
         return d.reshape(-1, d.shape[-1]) if d.size else np.zeros((0, 1), np.float32)
 
     # -- learning ----------------------------------------------------------------------
-    def fit(self, images: Iterable[np.ndarray], wrap=None) -> None:
-        """Learn the codebook from ``images`` (consumed once, one at a time)."""
-        c = self.fit_collector()
+    def fit(self, images: Iterable[np.ndarray], wrap=None, n: Optional[int] = None) -> None:
+        """Learn the codebook from ``images`` (consumed once, one at a time; ``n``: how many there are)."""
+        c = self.fit_collector(n)
         for img in (wrap or (lambda it, desc: it))(images, f"vlad: {self.conf['local']} descriptors for the codebook"):
             c.add(img)
         c.finish()
 
-    def fit_collector(self) -> "_Collector":
-        return _Collector(self)
+    def fit_collector(self, n: Optional[int] = None) -> "_Collector":
+        return _Collector(self, n)
 
     def fit_post(self, raw: np.ndarray) -> None:
         x = np.asarray(raw, np.float64)
@@ -163,10 +163,11 @@ class VladExtractor(Extractor):
 class _Collector:
     """Gathers a bounded sample of local descriptors image by image, then runs k-means."""
 
-    def __init__(self, ext: VladExtractor) -> None:
+    def __init__(self, ext: VladExtractor, n: Optional[int] = None) -> None:
         self.ext = ext
         self.rng = np.random.default_rng(ext.conf["seed"])
-        self.per = max(1, int(ext.conf["fit_descriptors"]) // max(1, int(ext.conf["fit_images"])))
+        n_images = min(int(ext.conf["fit_images"]), int(n)) if n else int(ext.conf["fit_images"])
+        self.per = max(1, int(ext.conf["fit_descriptors"]) // max(1, n_images))
         self.chunks: List[np.ndarray] = []
 
     def add(self, img: np.ndarray) -> None:
