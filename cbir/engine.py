@@ -209,19 +209,13 @@ def build_index(
     key = ext.key(with_state=True)
 
     # -- rows: reuse what is done
-    raw_path = work / "raw.h5"
+    segments = store.RowSegments(work / "rows", key)
+    prev, bad = segments.read()
+    if bad:
+        say(f"note: {len(bad)} unreadable segment(s) in {work / 'rows'} (an interrupted write); their images are extracted again")
     done: Dict[str, Tuple[int, float]] = {}
-    writer = None
-    if raw_path.is_file():
-        try:
-            rows, attrs = store.read_rows(raw_path)
-            if attrs.get("key") == key:
-                done = {n: (int(s), float(m)) for n, s, m in zip(rows["names"], rows["file_size"], rows["file_mtime"])}
-            else:
-                raw_path.unlink()
-        except OSError:
-            say(f"note: {raw_path} unreadable (interrupted write?); extracting again")
-            raw_path.unlink()
+    if prev:
+        done = {n: (int(s), float(m)) for n, s, m in zip(prev["names"], prev["file_size"], prev["file_mtime"])}
     failures: List[Dict[str, str]] = []
     want = {e.name: e for e in entries}
     # rows of the existing index with the same extractor, file size and mtime
@@ -236,8 +230,7 @@ def build_index(
             if _stat(e.path) == (int(old["file_size"][j]), float(old["file_mtime"][j])):
                 take.append(j)
         if take:
-            writer = store.FeatureWriter(raw_path, old[src].shape[1], "f4", key="raw", attrs={"key": key})
-            writer.append(store.Rows([old["names"][j] for j in take], [str(want[old["names"][j]].path) for j in take],
+            segments.append(store.Rows([old["names"][j] for j in take], [str(want[old["names"][j]].path) for j in take],
                                      [want[old["names"][j]].label for j in take], [int(old["file_size"][j]) for j in take],
                                      [float(old["file_mtime"][j]) for j in take], old[src][take].astype(np.float32)))
             for j in take:
@@ -256,7 +249,12 @@ def build_index(
         from .local.store import LocalFeatureStore, make_local_extractor
 
         local_ext = make_local_extractor(local, {**LOCAL_DEFAULTS, **(local_conf or {})})
-        local_writer = LocalFeatureStore(work / "local.h5", mode="a")
+        try:
+            local_writer = LocalFeatureStore(work / "local.h5", mode="a")
+        except CbirError:  # a file torn by a crash: its features are extracted again
+            say(f"note: {work / 'local.h5'} unreadable (an interrupted write); extracting local features again")
+            (work / "local.h5").unlink()
+            local_writer = LocalFeatureStore(work / "local.h5", mode="a")
         # images whose local features exist already (work folder or old index) are skipped
         if old_manifest and (old_manifest.get("local") or {}).get("key") == local_ext.key() and (out / "local.h5").is_file():
             local_writer.copy_from(out / "local.h5", [n for n in want if n not in stale])
@@ -301,23 +299,22 @@ def build_index(
                 raw = raw[~bad]
                 if not item:
                     continue
-            if writer is None:
-                writer = store.FeatureWriter(raw_path, raw.shape[1], "f4", key="raw", attrs={"key": key})
             stats = [_stat(e.path) for _, e, _ in item]
-            writer.append(store.Rows([e.name for _, e, _ in item], [str(e.path) for _, e, _ in item],
+            segments.append(store.Rows([e.name for _, e, _ in item], [str(e.path) for _, e, _ in item],
                                      [e.label for _, e, _ in item], [s for s, _ in stats], [m for _, m in stats],
                                      np.asarray(raw, np.float32)))
             if local_ext is not None:
                 for _, e, img in item:
-                    if e.name not in local_writer:
-                        _put_local(local_writer, local_ext, e, img, pb)
+                    _put_local(local_writer, local_ext, e, img, pb)
                 local_writer.flush()
             extracted += len(item)
             pb.update(len(item))
+    except BaseException:
+        if local_writer is not None:
+            local_writer.close()
+        raise
     finally:
         pb.close()
-        if writer is not None:
-            writer.close()
     if local_writer is not None:
         # reused rows whose local features are missing (an index built without --local before)
         missing = [want[n] for n in want if n in done and n not in stale and n not in local_writer]
@@ -333,9 +330,9 @@ def build_index(
 
     # -- finalise into a fresh folder, then move it into place
     t0 = time.time()
-    if not raw_path.is_file():
+    rows, _ = segments.read()
+    if not rows:
         raise CbirError(f"no image could be read ({len(failures)} failure(s)); no index written")
-    rows, _ = store.read_rows(raw_path)
     pos = {n: j for j, n in enumerate(rows["names"])}
     order = [pos[e.name] for e in entries if e.name in pos]
     if not order:

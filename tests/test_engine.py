@@ -94,11 +94,34 @@ def test_interrupted_build_resumes(small_set, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_index(entries, tmp_path / "idx", batch_size=4, **COLOUR)
     assert not (tmp_path / "idx").exists()  # never a half index
-    assert (tmp_path / "idx.partial" / "raw.h5").is_file()
+    assert list((tmp_path / "idx.partial" / "rows").glob("part-*.h5"))
     monkeypatch.setattr(ColourExtractor, "extract", real)
     rep = build_index(entries, tmp_path / "idx", batch_size=4, **COLOUR)
     assert (rep.reused, rep.extracted, rep.count) == (8, 4, 12)
     assert not (tmp_path / "idx.partial").exists()
+
+
+def test_segment_torn_by_a_crash_costs_only_its_batch(small_set, tmp_path, monkeypatch):
+    entries = read_file_list(small_set / "list.txt")
+    real = ColourExtractor.extract
+    calls = {"n": 0}
+
+    def dies(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(ColourExtractor, "extract", dies)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(entries, tmp_path / "idx", batch_size=4, **COLOUR)
+    parts = sorted((tmp_path / "idx.partial" / "rows").glob("part-*.h5"))
+    assert len(parts) == 2
+    parts[-1].write_bytes(parts[-1].read_bytes()[:100])  # as if killed in the middle of the write
+    (tmp_path / "idx.partial" / "rows" / "part-0000003.tmp").write_bytes(b"half")
+    monkeypatch.setattr(ColourExtractor, "extract", real)
+    rep = build_index(entries, tmp_path / "idx", batch_size=4, **COLOUR)
+    assert (rep.reused, rep.extracted, rep.count) == (4, 8, 12)
 
 
 def test_rebuild_reuses_rows_and_re_extracts_changed_files(small_set, tmp_path):

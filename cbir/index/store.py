@@ -104,6 +104,48 @@ class FeatureWriter:
         self.close()
 
 
+class RowSegments:
+    """Extracted rows kept as one small HDF5 file per batch, each written to a temporary name and renamed.
+
+    A crash (even ``kill -9`` in the middle of a write) can lose only the batch being written: every
+    finished segment is a complete file. Segments written under another extractor key are ignored.
+    """
+
+    def __init__(self, folder: os.PathLike, key: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.key = key
+        for tmp in self.folder.glob("*.tmp"):
+            tmp.unlink()
+        self._next = 1 + max((int(p.stem.split("-")[1]) for p in self.folder.glob("part-*.h5")), default=0)
+
+    def append(self, rows: Rows) -> None:
+        if not rows.names:
+            return
+        final = self.folder / f"part-{self._next:07d}.h5"
+        tmp = final.with_suffix(".tmp")
+        with FeatureWriter(tmp, rows.values.shape[1], "f4", key="raw", attrs={"key": self.key}) as w:
+            w.append(rows)
+        os.replace(tmp, final)
+        self._next += 1
+
+    def read(self) -> Tuple[Dict[str, np.ndarray], List[str]]:
+        """All rows of this key in write order (a later row of the same name supersedes an earlier one) and
+        the names of segments that could not be read."""
+        parts, bad = [], []
+        for p in sorted(self.folder.glob("part-*.h5")):
+            try:
+                rows, attrs = read_rows(p)
+            except OSError:
+                bad.append(p.name)
+                continue
+            if attrs.get("key") == self.key:
+                parts.append(rows)
+        if not parts:
+            return {}, bad
+        return {k: np.concatenate([r[k] for r in parts]) for k in parts[0]}, bad
+
+
 def write_features(path: os.PathLike, rows: Rows, extra: Optional[Dict[str, np.ndarray]] = None) -> None:
     """Write a complete features file: row metadata, ``descriptors`` and ``extra`` arrays (``codes``, ``raw``)."""
     with FeatureWriter(path, rows.values.shape[1], "f4", key="descriptors") as w:
