@@ -56,7 +56,7 @@ def _add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
 
     g = p.add_argument_group("descriptor")
     g.add_argument("--extractor", metavar="NAME", help=f"{default_help} (default: {DEFAULT_EXTRACTOR}); one of fused, pooled, colour, vlad, hash, semantic")
-    g.add_argument("--backbone", metavar="NAME", help="CNN for pooled features: aliked-n16 (default), aliked-n32, aliked-t16, xfeat, disk, mobilenet_v2, resnet18..152 (these need --weights)")
+    g.add_argument("--backbone", metavar="NAME", help="CNN for pooled features: aliked-n16 (default), aliked-n32, aliked-t16, xfeat, disk, mobilenet_v2, resnet18..152 (these need --weights); paddle:mobilenet_v2 (--weights X.pdparams), paddle-jit:PREFIX (pip install 'cbir[paddle]')")
     g.add_argument("--weights", metavar="PATH", help="backbone weight file (default: found offline; see README 'Weights')")
     g.add_argument("--head", metavar="FILE", help="semantic head made by `cbir train`")
     g.add_argument("--pool", choices=["gem", "gap", "max"], help="pooling of the feature maps (default gem, p=3)")
@@ -204,7 +204,6 @@ def cmd_eval(a) -> int:
 
     if a.list:  # --list is accepted as a synonym of --queries
         a.queries = a.list
-    idx_ext = None
     if a.extractor:
         from .engine import load_index
 

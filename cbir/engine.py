@@ -14,14 +14,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import __version__
-from .data import Dataset, Entry, iter_decoded, load_dataset, read_file_list
+from .data import Entry, iter_decoded, load_dataset, read_file_list
 from .errors import CbirError, DecodeError, IndexMismatch
-from .extractors.base import Extractor, canonical_json, make_extractor
+from .extractors import DEFAULT_EXTRACTOR
+from .extractors.base import Extractor, make_extractor
 from .index import store
 from .index.faiss_index import CosineIndex, HammingIndex
 
@@ -69,7 +70,7 @@ def load_state_file(path: PathLike) -> Dict[str, np.ndarray]:
         return out
 
 
-def resolve_extractor(extractor: Union[str, Extractor] = "pooled", conf: Optional[Dict[str, Any]] = None) -> Extractor:
+def resolve_extractor(extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR, conf: Optional[Dict[str, Any]] = None) -> Extractor:
     return extractor if isinstance(extractor, Extractor) else make_extractor(extractor, conf or {})
 
 
@@ -132,7 +133,7 @@ def _batches(it, ext: Extractor, batch_size: int):
 def build_index(
     entries: Sequence[Entry],
     out: PathLike,
-    extractor: Union[str, Extractor] = "pooled",
+    extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR,
     conf: Optional[Dict[str, Any]] = None,
     strict: bool = False,
     batch_size: int = 16,
