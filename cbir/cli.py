@@ -63,6 +63,7 @@ def _add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
     g.add_argument("--scales", type=float, nargs="+", metavar="S", help="multi-scale pooling: image scales whose descriptors are averaged, e.g. 1 0.707")
     g.add_argument("--base", metavar="NAME", help="hash: the float descriptor to binarise (default fused)")
     g.add_argument("--conf", metavar="JSON", help='extra extractor options as JSON, e.g. \'{"project": "pca"}\' for hash or \'{"k": 128}\' for vlad')
+    _add_runtime(g)
 
 
 def _extractor_from_args(a, fused_parts=None) -> tuple:
@@ -175,6 +176,12 @@ def _add_rerank(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rerank-top", type=int, default=100, help="candidates to verify per query (default: %(default)s)")
     g.add_argument("--rerank-keypoints", type=int, help="strongest keypoints per image given to the matcher (default 512)")
     g.add_argument("--min-inliers", type=int, help="inliers a candidate needs to move up (default 15)")
+    _add_runtime(g)
+
+
+def _add_runtime(g) -> None:
+    g.add_argument("--runtime", choices=["torch", "onnx"], help="run the networks in torch (default; $CBIR_RUNTIME) or in onnxruntime "
+                   "(pip install 'cbir[onnx]'; models exported once to $CBIR_ONNX_CACHE); same descriptors and indexes either way")
 
 
 def _grid(idx, res, out: str) -> None:
@@ -389,7 +396,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .extractors.runtime import set_threads
 
     set_threads(a.threads)
+    from .export import runtime as rt
+
+    before = rt._DEFAULT
     try:
+        rt.set_default_runtime(getattr(a, "runtime", None))  # --runtime onnx: every network in onnxruntime (None: $CBIR_RUNTIME / torch)
         return a.func(a)
     except CbirError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -397,6 +408,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: work done so far is kept; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        rt._DEFAULT = before  # main() called in-process (tests, notebooks) leaves the process default as it was
 
 
 if __name__ == "__main__":  # pragma: no cover

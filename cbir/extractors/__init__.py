@@ -40,12 +40,20 @@ def names():
     return EXTRACTORS.names()
 
 
+def _abs(path: str) -> str:
+    """Paths go into index configs absolute, so an index can be queried from any working directory."""
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def _pooled_opts(backbone, weights, pool, scales) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     if backbone is not None:
-        out["backbone"] = backbone
+        prefix, sep, arg = backbone.partition(":")
+        out["backbone"] = f"{prefix}:{_abs(arg)}" if sep and prefix.endswith("-jit") else backbone
     if weights is not None:
-        out["weights"] = weights
+        out["weights"] = _abs(weights)
     if pool is not None:
         out["pool"] = pool
     if scales is not None:
@@ -89,11 +97,17 @@ def configure(
         conf["base"] = b
         conf["base_conf"] = configure(b, backbone, weights, head, pool, scales)[1]
     elif name == "semantic":
-        if head is None:
-            raise CbirError("--extractor semantic needs --head FILE (train one with `cbir train`)")
-        conf["head"] = head
-        if popts:
-            raise CbirError("--extractor semantic takes its backbone from the head file; drop --backbone/--weights/--pool/--scales")
+        if head is None and backbone is not None:  # a classifier network: the softmax of its logits (seed 003)
+            if pool is not None or scales is not None:
+                raise CbirError("--extractor semantic with --backbone uses the classifier's softmax; drop --pool/--scales")
+            conf.update({k: v for k, v in popts.items() if k in ("backbone", "weights")})
+        elif head is None:
+            raise CbirError("--extractor semantic needs --head FILE (train one with `cbir train`) or a classifier "
+                            "--backbone (paddle-jit:PREFIX, or paddle:mobilenet_v2 / mobilenet_v2 with --weights)")
+        else:
+            conf["head"] = head
+            if popts:
+                raise CbirError("--extractor semantic takes its backbone from the head file; drop --backbone/--weights/--pool/--scales")
     elif popts and name != "vlad":
         raise CbirError(f"--extractor {name} has no backbone options")
     if head is not None and name != "semantic" and not (name == "hash" and base == "semantic"):

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .base import EXTRACTORS, Extractor, l2n
-from .runtime import images_to_batches, torch_inference
+from .runtime import images_to_batches, resize_to, torch_inference
 
 
 def gem(x, p: float = 3.0, eps: float = 1e-6, weights=None):
@@ -54,6 +54,13 @@ class PooledExtractor(Extractor):
         "scales": [1.0],
         "flip": False,
         "max_side": 512,
+        # foreground weighting by a semantic head's class map (cbir/extractors/classmap.py): null, a mode
+        # (predicted | confidence | nonbackground) or {"head": PATH, "mode": ..., "window": 1}
+        "weighting": None,
+        "weighting_head": None,  # the head file (also accepted as weighting["head"]); an index keeps a copy
+        "input_size": None,  # [H, W]: resize every image to this first (cv2 bilinear, seed 003); None: the backbone's own, if any
+        "backbone_conf": {},  # options of a prefix:argument backbone, e.g. {"mean": [...], "std": [...]} for paddle:*
+        "runtime": None,  # torch | onnx; None: the process default (--runtime, $CBIR_RUNTIME); never part of the identity
     }
     #: stages pooled by default, per backbone (measured in benchmarks/quality.py)
     default_stages = {
@@ -67,6 +74,14 @@ class PooledExtractor(Extractor):
             from ..errors import CbirError
 
             raise CbirError(f"pooled: unknown pool {self.conf['pool']!r}; choose gem, gap or max")
+        from .classmap import normalise_weighting
+
+        self.conf["weighting"], self.conf["weighting_head"] = normalise_weighting(self.conf["weighting"], self.conf["weighting_head"])
+        from ..models.backbones import backbone_defaults
+
+        for k, v in backbone_defaults(self.conf["backbone"]).items():  # e.g. paddle:*: the seed's gap, images as stored
+            if k in self.default_conf and k not in (conf or {}):
+                self.conf[k] = v
         self._net = None
 
     @property
@@ -74,8 +89,13 @@ class PooledExtractor(Extractor):
         if self._net is None:
             from ..models.backbones import build_backbone
 
-            self._net = build_backbone(self.conf["backbone"], weights=self.conf["weights"])
-            stages = self.conf["stages"] or self.default_stages.get(self.conf["backbone"]) or list(self._net.stages)
+            self._net = build_backbone(self.conf["backbone"], weights=self.conf["weights"], options=self.conf["backbone_conf"] or None)
+            if not self._net.stages:
+                from ..errors import CbirError
+
+                raise CbirError(getattr(self._net, "no_maps_reason", "") or f"backbone {self.conf['backbone']!r} gives no feature maps")
+            stages = (self.conf["stages"] or self.default_stages.get(self.conf["backbone"])
+                      or list(getattr(self._net, "default_stages", None) or self._net.stages))
             unknown = [s for s in stages if s not in self._net.stages]
             if unknown:
                 from ..errors import CbirError
@@ -95,7 +115,41 @@ class PooledExtractor(Extractor):
         return int(sum(net.channels[s] for s in self.stages))
 
     def weights(self) -> Dict[str, str]:
-        return dict(self.net.weights_sha)
+        out = dict(self.net.weights_sha)
+        if self.conf["weighting"]:
+            from ..weights import file_sha256
+
+            out["weighting_head"] = file_sha256(self.conf["weighting_head"])
+        return out
+
+    def identity(self, with_state: bool = True):
+        ident = super().identity(with_state)
+        conf = dict(self.conf)
+        if conf["weighting"]:  # the index keeps a copy of the head (bundle()); its checksum identifies it
+            conf["weighting_head"] = "@weighting_head"
+        else:  # unweighted: the identity (and index keys) of before the option existed
+            del conf["weighting"], conf["weighting_head"]
+        for k in ("input_size", "backbone_conf"):  # unset: the identity of before these options existed
+            if not conf[k]:
+                del conf[k]
+        conf.pop("runtime", None)  # torch and onnx give the same descriptors (cbir/export): indexes are interchangeable
+        ident["conf"] = conf
+        return ident
+
+    def bundle(self) -> Dict[str, str]:
+        return {"weighting_head": self.conf["weighting_head"]} if self.conf["weighting"] else {}
+
+    def location_weights(self, batch, maps):
+        """``{stage: (B, 1, h, w)}`` weights from the head's class map of ``batch`` (None when unweighted)."""
+        if not self.conf["weighting"]:
+            return None
+        from .classmap import mapper_for, shared_maps
+
+        spec = self.conf["weighting"]
+        mapper = mapper_for(self.conf["weighting_head"], spec["window"])
+        strides = shared_maps(self, mapper, tuple(batch.shape[-2:]))
+        sizes = {s: tuple(maps[s].shape[-2:]) for s in self.stages}
+        return mapper.weight_maps(batch, spec, sizes, maps=maps if strides else None, strides=strides)
 
     def maps(self, batch):
         """Feature maps of a float batch (B, 3, H, W) in [0, 1]."""
@@ -104,14 +158,24 @@ class PooledExtractor(Extractor):
     def pool(self, maps, weights=None):
         import torch
 
-        parts = [l2n_t(pool_map(maps[s], self.conf["pool"], self.conf["p"], weights)) for s in self.stages]
+        if not isinstance(weights, dict):
+            weights = {s: weights for s in self.stages}
+        parts = [l2n_t(pool_map(maps[s], self.conf["pool"], self.conf["p"], weights[s])) for s in self.stages]
         return torch.cat(parts, 1)
 
     def extract(self, images: List[np.ndarray]) -> np.ndarray:
         import torch
         import torch.nn.functional as F
 
+        from ..export.runtime import resolve_runtime
+
+        if resolve_runtime(self.conf["runtime"]) == "onnx":  # the same descriptor graph in onnxruntime
+            from ..export.runtime import pooled_extract
+
+            return pooled_extract(self, images)
+
         out = np.zeros((len(images), self.dim), np.float32)
+        images = resize_to(images, self.conf["input_size"] or getattr(self.net, "input_size", None))
         with torch_inference():
             for idx, batch in images_to_batches(images):
                 acc = 0
@@ -119,7 +183,8 @@ class PooledExtractor(Extractor):
                     b = batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False, antialias=s < 1)
                     views = [b, b.flip(-1)] if self.conf["flip"] else [b]
                     for v in views:
-                        acc = acc + self.pool(self.maps(v))
+                        maps = self.maps(v)
+                        acc = acc + self.pool(maps, self.location_weights(v, maps))
                 out[idx] = l2n(acc.numpy())
         return out
 

@@ -4,25 +4,46 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 import numpy as np
 
 
-def images_to_batches(images: List[np.ndarray]) -> Iterator[Tuple[List[int], "torch.Tensor"]]:
+#: pixels per network forward: bounds the activations' memory whatever the batch size (DISK's U-Net keeps
+#: 64-channel full-resolution maps: ~10 GB for 16 images of 512x384). On CPU larger batches are no faster.
+MAX_BATCH_PIXELS = 1_000_000
+
+
+def images_to_batches(images: List[np.ndarray], max_pixels: int = MAX_BATCH_PIXELS) -> Iterator[Tuple[List[int], "torch.Tensor"]]:
     """Group RGB uint8 images by shape; yield (positions, float tensor (B, 3, H, W) in [0, 1]).
 
-    Images of one size (the usual case within a dataset) run as one batch; others run in their own.
+    Images of one size (the usual case within a dataset) run together, at most ``max_pixels`` pixels per
+    batch (at least one image); other sizes run in their own batches.
     """
     import torch
 
     groups: Dict[Tuple[int, int], List[int]] = {}
     for i, im in enumerate(images):
         groups.setdefault(im.shape[:2], []).append(i)
-    for idx in groups.values():
-        arr = np.stack([images[i] for i in idx])
-        t = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
-        yield idx, t
+    for (h, w), idx in groups.items():
+        step = max(1, int(max_pixels) // max(1, h * w))
+        for a in range(0, len(idx), step):
+            sub = idx[a : a + step]
+            arr = np.stack([images[i] for i in sub])
+            yield sub, torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def resize_to(images: List[np.ndarray], size) -> List[np.ndarray]:
+    """Every image resized to ``size`` ([H, W] or one int; cv2 bilinear, as seed 003 does); ``None``: unchanged."""
+    if not size:
+        return images
+    import cv2
+
+    h, w = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+    return [im if im.shape[:2] == (h, w) else cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR) for im in images]
 
 
 @contextlib.contextmanager

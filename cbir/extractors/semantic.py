@@ -1,8 +1,11 @@
-"""``semantic``: softmax class probabilities of a classifier head on frozen base descriptors (seed 003).
+"""``semantic``: softmax class probabilities of a classifier (seed 003).
 
-``cbir train`` fits the head on a labelled list (transfer learning: the base is frozen) and saves it
-as HDF5: the base extractor's config, the class labels and the layer weights (no pickle). The index
-records which head (its SHA-256) described the gallery.
+Either a head on frozen base descriptors: ``cbir train`` fits it on a labelled list (transfer learning:
+the base is frozen) and saves it as HDF5: the base extractor's config, the class labels and the layer
+weights (no pickle); the index records which head (its SHA-256) described the gallery. Or a trained
+classifier network given as ``backbone`` (``paddle-jit:PREFIX``, ``paddle:mobilenet_v2`` or
+``mobilenet_v2``/``resnet*`` with a checkpoint that keeps its classifier): the softmax of its logits, as
+the seed does with its Paddle model (classes are then the classifier's output indices).
 """
 
 from __future__ import annotations
@@ -126,12 +129,34 @@ def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 @EXTRACTORS.register("semantic")
 class SemanticExtractor(Extractor):
     name = "semantic"
-    default_conf = {"head": None, "temperature": 1.0, "max_side": None}
+    default_conf = {"head": None, "temperature": 1.0, "max_side": None,
+                    # a classifier network instead of a head (its options as in ``pooled``)
+                    "backbone": None, "weights": None, "backbone_conf": {}, "input_size": None}
+    _NET_KEYS = ("backbone", "weights", "backbone_conf", "input_size")
 
     def __init__(self, conf=None) -> None:
         super().__init__(conf)
+        self._net = None
+        if self.conf["backbone"]:
+            if self.conf["head"]:
+                raise CbirError("semantic: give a head (--head) or a classifier backbone (--backbone), not both")
+            self.head = None
+            self.base = None
+            from ..models.backbones import backbone_defaults
+
+            given = set(conf or {})
+            for k, v in backbone_defaults(self.conf["backbone"]).items():  # paddle:*: images as stored, as the seed
+                if k in self.default_conf and k not in given:
+                    self.conf[k] = v
+                    given.add(k)
+            if "max_side" not in given and not self.conf["input_size"]:
+                self.conf["max_side"] = 512
+            return
+        if any(self.conf[k] for k in self._NET_KEYS):
+            raise CbirError("semantic: weights/backbone_conf/input_size go with a classifier backbone; a head brings its own base")
         if not self.conf["head"]:
-            raise CbirError("semantic: needs a head: train one with `cbir train ... --out HEAD` and pass --head HEAD")
+            raise CbirError("semantic: needs a head (train one with `cbir train ... --out HEAD` and pass --head HEAD) "
+                            "or a classifier backbone (--backbone paddle-jit:PREFIX, or paddle:mobilenet_v2 / mobilenet_v2 with --weights)")
         self.conf["head"] = os.path.abspath(self.conf["head"])
         self.head = load_head(self.conf["head"])
         b = self.head["base"]
@@ -140,31 +165,65 @@ class SemanticExtractor(Extractor):
             self.conf["max_side"] = self.base.max_side
 
     @property
+    def net(self):
+        """The classifier backbone (``backbone`` mode), built on first use."""
+        if self._net is None:
+            from ..models.backbones import build_backbone
+
+            net = build_backbone(self.conf["backbone"], weights=self.conf["weights"], options=self.conf["backbone_conf"] or None)
+            if not int(getattr(net, "num_classes", 0) or 0) or not hasattr(net, "classify"):
+                raise CbirError(f"semantic: backbone {self.conf['backbone']!r} has no classifier (its weights keep none); "
+                                "use --extractor pooled, or train a head with `cbir train`")
+            self._net = net
+        return self._net
+
+    @property
     def classes(self) -> List[str]:
+        if self.head is None:
+            return [str(i) for i in range(self.dim)]
         return list(self.head["classes"])
 
     @property
     def dim(self) -> int:
+        if self.head is None:
+            return int(self.net.num_classes)
         return len(self.head["classes"])
 
     def weights(self) -> Dict[str, str]:
         from ..weights import file_sha256
 
+        if self.head is None:
+            return dict(self.net.weights_sha)
         return {**self.base.weights(), "head": file_sha256(self.conf["head"])}
 
     def identity(self, with_state: bool = True) -> Dict[str, Any]:
         ident = super().identity(with_state)
+        if self.head is None:
+            ident["conf"] = {k: v for k, v in self.conf.items() if k != "head" and (v or k not in ("backbone_conf", "input_size"))}
+            return ident
         # the index keeps a copy of the head (see bundle()); its checksum identifies it, not its path
-        ident["conf"] = {**self.conf, "head": "@head"}
+        ident["conf"] = {k: v for k, v in {**self.conf, "head": "@head"}.items() if k not in self._NET_KEYS}
         return ident
 
     def bundle(self) -> Dict[str, str]:
-        return {"head": self.conf["head"]}
+        return {"head": self.conf["head"]} if self.head is not None else {}
 
     def logits(self, images: List[np.ndarray]) -> np.ndarray:
-        return head_logits(self.head, self.base.describe(images))
+        if self.head is not None:
+            return head_logits(self.head, self.base.describe(images))
+        from .runtime import images_to_batches, resize_to, torch_inference
+
+        net = self.net
+        images = resize_to(images, self.conf["input_size"] or getattr(net, "input_size", None))
+        out = np.zeros((len(images), self.dim), np.float32)
+        with torch_inference():
+            for idx, batch in images_to_batches(images):
+                out[idx] = net.classify(batch).float().numpy()
+        return out
 
     def extract(self, images: List[np.ndarray]) -> np.ndarray:
+        if self.head is None and getattr(self.net, "probabilities", False):
+            return self.logits(images)  # the program ends with a softmax already
         return softmax(self.logits(images), float(self.conf["temperature"]))
 
     def post(self, raw: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CbirError
 from ..weights import load_into, load_state_dict, resolve_weights
-from .base import EXTRACTORS, Extractor, Features, make_features
+from .base import EXTRACTORS, Extractor, Features, make_features, uses_onnx
 
 MODELS = ("aliked-n16", "aliked-n16rot", "aliked-n32", "aliked-t16")
 
@@ -33,6 +33,7 @@ class ALIKED(Extractor):
         "max_keypoints": 2048,
         "detection_threshold": -1.0,  # <= 0: the max_keypoints strongest maxima; > 0: maxima above it (at most max_keypoints)
         "nms_radius": 2,
+        "runtime": None,  # torch | onnx; None: the process default (--runtime, $CBIR_RUNTIME)
     }
 
     def __init__(self, weights=None, device: str = "cpu", **conf: Any) -> None:
@@ -61,8 +62,13 @@ class ALIKED(Extractor):
         from ._torch import image_tensor
 
         h, w = image.shape[:2]
-        with torch.inference_mode():
-            out = self.net(image_tensor(image, device=self.device))[0]
+        if uses_onnx(self.conf):  # dense maps in onnxruntime, DKD and the descriptor head in torch (cbir/export)
+            from ..export.runtime import aliked_detect
+
+            out = aliked_detect(self, image_tensor(image))
+        else:
+            with torch.inference_mode():
+                out = self.net(image_tensor(image, device=self.device))[0]
         return make_features(out.keypoints, out.descriptors, out.keypoint_scores, (w, h))
 
 

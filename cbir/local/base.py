@@ -129,7 +129,7 @@ class Extractor:
 
     def info(self) -> Dict[str, Any]:
         """What an index manifest records: name, configuration, descriptor size and weight file."""
-        return {"name": self.name, "conf": dict(self.conf), "descriptor_dim": self.descriptor_dim, "weights": self.weights_path}
+        return {"name": self.name, "conf": _identity_conf(self.conf), "descriptor_dim": self.descriptor_dim, "weights": self.weights_path}
 
 
 class Matcher:
@@ -153,7 +153,7 @@ class Matcher:
         self.weights_path: Optional[str] = None
 
     def info(self) -> Dict[str, Any]:
-        return {"name": self.name, "features": self.features, "conf": dict(self.conf), "weights": self.weights_path}
+        return {"name": self.name, "features": self.features, "conf": _identity_conf(self.conf), "weights": self.weights_path}
 
 
 class SparseMatcher(Matcher):
@@ -193,6 +193,18 @@ class DenseMatcher(Matcher):
 
     def correspondences(self, image0: np.ndarray, image1: np.ndarray) -> Correspondences:
         return self.match(image0, image1)
+
+
+def _identity_conf(conf: Mapping[str, Any]) -> Dict[str, Any]:
+    """``conf`` without ``runtime`` (torch or onnx: the same features, so stored ones are reused either way)."""
+    return {k: v for k, v in conf.items() if k != "runtime"}
+
+
+def uses_onnx(conf: Mapping[str, Any]) -> bool:
+    """Whether a network with configuration ``conf`` runs in onnxruntime (its ``runtime``, else the process default)."""
+    from ..export.runtime import resolve_runtime
+
+    return resolve_runtime(conf.get("runtime")) == "onnx"
 
 
 def check_combination(features: Optional[str], matcher) -> None:

@@ -60,6 +60,8 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
     m.add_argument("--json", action="store_true", help="print the result as JSON")
     m.add_argument("--with-matches", action="store_true", help="with --json: include the matched points and inlier flags")
     m.add_argument("--list", action="store_true", help="list local features and matchers and exit")
+    m.add_argument("--runtime", choices=["torch", "onnx"], help="run the networks in torch (default) or onnxruntime (cbir[onnx]; see "
+                   "`cbir export onnx`); lightglue then runs every layer, without adaptive pruning")
     add_common(m)
     m.set_defaults(func=cmd_match)
 

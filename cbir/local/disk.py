@@ -12,7 +12,7 @@ from typing import Any, Dict
 import numpy as np
 
 from ..weights import load_into, load_state_dict, resolve_weights
-from .base import EXTRACTORS, Extractor, Features, make_features
+from .base import EXTRACTORS, Extractor, Features, make_features, uses_onnx
 
 
 @EXTRACTORS.register("disk")
@@ -26,6 +26,7 @@ class DISK(Extractor):
         "max_keypoints": 2048,
         "nms_window_size": 5,
         "detection_threshold": 0.0,
+        "runtime": None,  # torch | onnx; None: the process default (--runtime, $CBIR_RUNTIME)
     }
 
     def __init__(self, weights=None, device: str = "cpu", **conf: Any) -> None:
@@ -46,12 +47,18 @@ class DISK(Extractor):
         h, w = image.shape[:2]
         n = int(self.conf["max_keypoints"])
         with torch.inference_mode():
-            out = self.net(
-                image_tensor(image, device=self.device),
-                n=n if n > 0 else None,
-                window_size=int(self.conf["nms_window_size"]),
-                score_threshold=float(self.conf["detection_threshold"]),
-                pad_if_not_divisible=True,
-            )[0]
+            if uses_onnx(self.conf):  # the U-Net in onnxruntime, detection in torch (cbir/export)
+                from ..export.runtime import disk_detect
+
+                out = disk_detect(self, image_tensor(image), n if n > 0 else None, int(self.conf["nms_window_size"]),
+                                  float(self.conf["detection_threshold"]))
+            else:
+                out = self.net(
+                    image_tensor(image, device=self.device),
+                    n=n if n > 0 else None,
+                    window_size=int(self.conf["nms_window_size"]),
+                    score_threshold=float(self.conf["detection_threshold"]),
+                    pad_if_not_divisible=True,
+                )[0]
             order = torch.argsort(out.detection_scores, descending=True, stable=True)
         return make_features(out.keypoints[order], out.descriptors[order], out.detection_scores[order], (w, h))

@@ -18,7 +18,7 @@ from typing import Any, Dict, Tuple
 
 from ..errors import CbirError
 from ..weights import load_into, load_state_dict, resolve_weights
-from .base import MATCHERS, Features, Matches, SparseMatcher
+from .base import MATCHERS, Features, Matches, SparseMatcher, uses_onnx
 
 #: features name -> (weight file, descriptor size)
 LIGHTGLUE_WEIGHTS: Dict[str, Tuple[str, int]] = {
@@ -89,6 +89,11 @@ class _KorniaLightGlue(SparseMatcher):
             t = features_to_torch(f, self.device)
             t["keypoints"] = clamp_to_image(t["keypoints"], t["image_size"])
             data[side] = {k: t[k] for k in ("keypoints", "descriptors", "image_size")}
+        if uses_onnx(self.conf):  # the fixed graph: every layer, no point pruning (cbir/export)
+            from ..export.runtime import lightglue_match
+
+            m, s = lightglue_match(self, data)
+            return {"matches": m, "scores": s}
         with torch.inference_mode():
             out = self.net(data)
         m = out["matches"][0].cpu().numpy().astype(np.int64).reshape(-1, 2)
@@ -107,6 +112,7 @@ class LightGlueMatcher(_KorniaLightGlue):
         "depth_confidence": 0.95,
         "width_confidence": 0.99,
         "flash": True,
+        "runtime": None,  # torch | onnx; None: the process default (--runtime, $CBIR_RUNTIME)
     }
 
     def __init__(self, features=None, weights=None, device: str = "cpu", **conf: Any) -> None:
@@ -127,6 +133,7 @@ class LighterGlueMatcher(_KorniaLightGlue):
         "depth_confidence": -1.0,
         "width_confidence": 0.95,
         "flash": True,
+        "runtime": None,  # torch | onnx; None: the process default (--runtime, $CBIR_RUNTIME)
     }
 
     def __init__(self, features="xfeat", weights=None, device: str = "cpu", **conf: Any) -> None:

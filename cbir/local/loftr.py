@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from ..errors import CbirError
-from .base import MATCHERS, Correspondences, DenseMatcher, as_rgb8
+from .base import MATCHERS, Correspondences, DenseMatcher, as_rgb8, uses_onnx
 
 VARIANTS = ("outdoor", "indoor", "indoor_new")
 
@@ -50,7 +50,8 @@ class LoFTRMatcher(DenseMatcher):
     """LoFTR: coarse-to-fine transformer matching of two images; output ``keypoints0``, ``keypoints1``, ``scores``."""
 
     name = "loftr"
-    default_conf: Dict[str, Any] = {"variant": "outdoor", "match_threshold": 0.2, "border_rm": 2}
+    default_conf: Dict[str, Any] = {"variant": "outdoor", "match_threshold": 0.2, "border_rm": 2,
+                                    "runtime": None}  # torch | onnx; None: the process default (--runtime, $CBIR_RUNTIME)
 
     def __init__(self, features=None, weights=None, device: str = "cpu", **conf: Any) -> None:
         super().__init__(features, weights, device, **conf)
@@ -74,12 +75,20 @@ class LoFTRMatcher(DenseMatcher):
         return {"keypoints0": k0.astype(np.float32), "keypoints1": k1.astype(np.float32), "scores": out["confidence"].float().cpu().numpy().astype(np.float32)}
 
     def match(self, image0: np.ndarray, image1: np.ndarray) -> Correspondences:
+        if uses_onnx(self.conf):  # the whole matcher in onnxruntime (cbir/export)
+            from ..export.runtime import loftr_match
+
+            out = loftr_match(self, self._tensor(image0), self._tensor(image1))
+            return {"keypoints0": out["keypoints0"].reshape(-1, 2) - 0.5, "keypoints1": out["keypoints1"].reshape(-1, 2) - 0.5,
+                    "scores": out["confidence"].astype(np.float32).reshape(-1)}
         return self._run({"image0": self._tensor(image0)}, {"image1": self._tensor(image1)})
 
     def match_many(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> List[Correspondences]:
-        """One query image against many: the query's backbone features are computed once."""
+        """One query image against many: the query's backbone features are computed once (torch runtime)."""
         import torch
 
+        if uses_onnx(self.conf):
+            return [self.match(query, c) for c in candidates]
         with torch.inference_mode():
             fq = self.net.extract_features(self._tensor(query))
         return [self._run({"features0": fq}, {"image1": self._tensor(c)}) for c in candidates]

@@ -12,7 +12,7 @@ from typing import Any, Dict
 import numpy as np
 
 from ..weights import load_into, load_state_dict, resolve_weights
-from .base import EXTRACTORS, Extractor, Features, make_features
+from .base import EXTRACTORS, Extractor, Features, make_features, uses_onnx
 
 
 @EXTRACTORS.register("xfeat")
@@ -25,6 +25,7 @@ class XFeat(Extractor):
     default_conf: Dict[str, Any] = {
         "max_keypoints": 4096,
         "detection_threshold": 0.05,
+        "runtime": None,  # torch | onnx; None: the process default (--runtime, $CBIR_RUNTIME)
     }
 
     def __init__(self, weights=None, device: str = "cpu", **conf: Any) -> None:
@@ -41,7 +42,12 @@ class XFeat(Extractor):
         from ._torch import image_tensor
 
         h, w = image.shape[:2]
-        out = self.net.detectAndCompute(image_tensor(image, device=self.device))[0]
+        if uses_onnx(self.conf):  # the network in onnxruntime, kornia's detection around it (cbir/export)
+            from ..export.runtime import xfeat_detect
+
+            out = xfeat_detect(self, image_tensor(image))
+        else:
+            out = self.net.detectAndCompute(image_tensor(image, device=self.device))[0]
         kp = out["keypoints"].float().cpu().numpy()
         rw, rh = w / max(32, (w // 32) * 32), h / max(32, (h // 32) * 32)
         kp = kp + 0.5 * np.array([rw - 1.0, rh - 1.0], np.float32)

@@ -40,7 +40,9 @@ def _crop(m: torch.Tensor, hw: Tuple[int, int], padded: Tuple[int, int]) -> torc
     h, w = hw
     H, W = padded
     mh, mw = m.shape[-2:]
-    return m[..., : max(1, -(-h * mh // H)), : max(1, -(-w * mw // W))]
+    # ceil division written as (a + b - 1) // b: exact for these positive sizes, and it stays a ceiling when
+    # traced into ONNX (whose integer Div truncates towards zero, which turned -(-a // b) into a floor)
+    return m[..., : max(1, (h * mh + H - 1) // H), : max(1, (w * mw + W - 1) // W)]
 
 
 class Backbone(nn.Module):
@@ -193,6 +195,17 @@ class _TorchvisionStyle(Backbone):
     def _build(self, num_classes: int) -> nn.Module:
         raise NotImplementedError
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of the checkpoint's classifier (0: features only)."""
+        return int(getattr(self.net, "num_classes", 0) or 0)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits (B, num_classes) of RGB images in [0, 1] (``--extractor semantic``)."""
+        if not self.num_classes:
+            raise CbirError(f"backbone {self.name!r}: the checkpoint has no classifier")
+        return self.net((x - self.mean) / self.std)
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         maps = self.net.feature_maps((x - self.mean) / self.std, self.stages_idx)
         return dict(zip(self.stages, maps))
@@ -202,14 +215,28 @@ class _TorchvisionStyle(Backbone):
 BACKBONE_PREFIXES: Registry = Registry("backbone family")
 
 
-def build_backbone(name: str, weights=None) -> Backbone:
-    """A backbone by name, with offline weights (``weights``: explicit file path, else where cbir finds it)."""
+def build_backbone(name: str, weights=None, options: Optional[Dict] = None) -> Backbone:
+    """A backbone by name, with offline weights (``weights``: explicit file path, else where cbir finds it).
+
+    ``options`` go to a ``prefix:argument`` family's factory (e.g. ``mean``/``std`` for Paddle backbones).
+    """
     _register_torchvision_style()
     if ":" in name:
         prefix, arg = name.split(":", 1)
         _load_prefix_plugins()
-        return BACKBONE_PREFIXES.get(prefix)(arg, weights=weights)
+        return BACKBONE_PREFIXES.get(prefix)(arg, weights=weights, **(options or {}))
+    if options:
+        raise CbirError(f"backbone {name!r} takes no options, got {sorted(options)}")
     return BACKBONES.get(name)(weights=weights)
+
+
+def backbone_defaults(name: Optional[str]) -> Dict:
+    """Extractor options a backbone family prefers where the user set none (its factory's ``extractor_defaults``)."""
+    if not name or ":" not in name:
+        return {}
+    _load_prefix_plugins()
+    prefix = name.split(":", 1)[0]
+    return dict(getattr(BACKBONE_PREFIXES.get(prefix), "extractor_defaults", {})) if prefix in BACKBONE_PREFIXES else {}
 
 
 def _load_prefix_plugins() -> None:

@@ -1,0 +1,273 @@
+"""The ``runtime`` switch (``torch`` | ``onnx``), the cache of exported models and the onnxruntime sessions.
+
+Which runtime a network uses: its conf key ``runtime`` when set, else the process default, which is
+``$CBIR_RUNTIME`` or ``torch`` until :func:`set_default_runtime` (the CLI's ``--runtime``) changes it. The runtime
+is never part of an extractor's identity: an index built with one runtime is queried with the other (the
+descriptors agree to float tolerance, see the README's "ONNX" section).
+
+With ``onnx``, a component asks :func:`cached_session` for the session of its model: the first use exports the model
+(see :mod:`cbir.export.onnx`) into the cache folder ``$CBIR_ONNX_CACHE`` (default ``~/.cache/cbir/onnx``) under a key
+made of the model identity (architecture, options baked into the graph, sha256 of the weights) and the versions of
+cbir's wrappers, torch and kornia; later uses, in any process, load that file. Sessions run on the CPU provider with
+torch's thread count and without spinning idle threads (the ``OMP_WAIT_POLICY=PASSIVE`` of the torch path).
+
+The runners below run a graph and do, in torch with kornia's own code, what the README says stays outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..errors import CbirError
+
+RUNTIMES = ("torch", "onnx")
+_DEFAULT: Optional[str] = None
+_SESSIONS: Dict[Any, "Session"] = {}
+_LOCK = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- the switch
+
+
+def _check(name: str) -> str:
+    name = str(name).lower()
+    if name not in RUNTIMES:
+        raise CbirError(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
+    return name
+
+
+def default_runtime() -> str:
+    """The process default: :func:`set_default_runtime`'s value, else ``$CBIR_RUNTIME``, else ``torch``."""
+    return _check(_DEFAULT or os.environ.get("CBIR_RUNTIME") or "torch")
+
+
+def set_default_runtime(name: Optional[str]) -> None:
+    """Set the process default (``None``: back to ``$CBIR_RUNTIME`` / ``torch``); ``onnx`` checks onnxruntime now."""
+    global _DEFAULT
+    _DEFAULT = None if name is None else _check(name)
+    if _DEFAULT == "onnx":
+        require_onnxruntime()
+
+
+def resolve_runtime(value: Optional[str] = None) -> str:
+    """The runtime a component uses: its own ``value`` when set, else the process default."""
+    return _check(value) if value else default_runtime()
+
+
+def require_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CbirError("--runtime onnx needs onnxruntime (and onnx to export): pip install 'cbir[onnx]'") from None
+    return onnxruntime
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def _threads() -> int:
+    try:
+        import torch
+
+        return max(1, torch.get_num_threads())
+    except ImportError:  # pragma: no cover
+        return max(1, min(4, os.cpu_count() or 1))
+
+
+class Session:
+    """An onnxruntime CPU session: ``run({input: array}) -> [arrays]`` in the graph's output order."""
+
+    def __init__(self, path, threads: int = 0, spinning: bool = False) -> None:
+        ort = require_onnxruntime()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads) or _threads()
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if not spinning:  # idle threads sleep: on a busy machine spinning ones steal the cores (README "Threads")
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.path = Path(path)
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types
+            raise CbirError(f"{path}: onnxruntime cannot load the model ({e})") from None
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feeds: Dict[str, Any]) -> List[np.ndarray]:
+        feeds = {k: np.ascontiguousarray(_np(v)) for k, v in feeds.items()}
+        return self.sess.run(None, feeds)
+
+
+def _np(x):
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CBIR_ONNX_CACHE") or "~/.cache/cbir/onnx").expanduser()
+
+
+def cache_key(identity: Dict[str, Any]) -> str:
+    import kornia
+    import torch
+
+    from .. import __version__
+    from .onnx import EXPORT_FORMAT, OPSET
+
+    full = {"identity": identity, "format": EXPORT_FORMAT, "opset": OPSET, "cbir": __version__, "torch": torch.__version__,
+            "kornia": kornia.__version__}
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_model(identity: Dict[str, Any], make_spec: Callable[[], Any]) -> Path:
+    """Path of the cached export of the model ``identity`` names; exported with ``make_spec()`` when absent."""
+    from .onnx import safe_name, write_onnx
+
+    path = cache_dir() / f"{safe_name(str(identity.get('model', 'model')))}-{cache_key(identity)}.onnx"
+    if not path.is_file():
+        require_onnxruntime()
+        write_onnx(make_spec(), path)
+    return path
+
+
+def cached_session(identity: Dict[str, Any], make_spec: Callable[[], Any]) -> Session:
+    """The session of model ``identity`` (exported on first use, see :func:`cached_model`), one per process and thread count."""
+    require_onnxruntime()
+    path = cached_model(identity, make_spec)
+    key = (str(path), _threads())
+    with _LOCK:
+        s = _SESSIONS.get(key)
+        if s is None:
+            s = _SESSIONS[key] = Session(path)
+    return s
+
+
+# ----------------------------------------------------------------------------- global descriptors
+
+
+def pooled_extract(ext, images: List[np.ndarray]) -> np.ndarray:
+    """``PooledExtractor.extract`` with the descriptor graph in onnxruntime (scales and flips as in torch)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..extractors.base import l2n
+    from ..extractors.runtime import images_to_batches, resize_to
+    from .onnx import pooled_identity, pooled_spec
+
+    if ext.conf.get("weighting"):
+        raise CbirError("pooled: foreground weighting (class maps) runs in torch only; drop --runtime onnx")
+    sess = cached_session(pooled_identity(ext), lambda: pooled_spec(ext))
+    out = np.zeros((len(images), ext.dim), np.float32)
+    images = resize_to(images, ext.conf.get("input_size") or getattr(ext.net, "input_size", None))
+    with torch.inference_mode():
+        for idx, batch in images_to_batches(images):
+            acc = 0
+            for s in ext.conf["scales"]:
+                b = batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False, antialias=s < 1)
+                for v in ([b, b.flip(-1)] if ext.conf["flip"] else [b]):
+                    acc = acc + sess.run({"image": v})[0]
+            out[idx] = l2n(acc)
+    return out
+
+
+# ----------------------------------------------------------------------------- local features
+
+
+def xfeat_detect(ext, x) -> Dict[str, Any]:
+    """kornia ``XFeat.detectAndCompute(x)[0]`` with the network in onnxruntime (x: ``(1, 3, H, W)`` in [0, 1])."""
+    import torch
+    import torch.nn.functional as F
+
+    from .onnx import local_identity, xfeat_spec
+
+    H, W = x.shape[-2:]
+    if H < 32 or W < 32:  # kornia pads those up to 32; not worth a graph
+        return ext.net.detectAndCompute(x)[0]
+    sess = cached_session(local_identity(ext), lambda: xfeat_spec(ext))
+    net = ext.net
+    with torch.inference_mode():
+        x, rh1, rw1 = net._preprocess_tensor(x)  # kornia's bilinear resize to multiples of 32, in torch
+        M1, K1h, H1 = (torch.from_numpy(a) for a in sess.run({"image": x}))
+        _H1, _W1 = K1h.shape[-2:]
+        # the rest of kornia's detectAndCompute, unchanged
+        mkpts = net._nms(K1h, threshold=net.detection_threshold, kernel_size=5)
+        scores = (net._nearest(K1h, mkpts, _H1, _W1) * net._bilinear(H1, mkpts, _H1, _W1)).squeeze(-1)
+        scores[torch.all(mkpts == -1, dim=-1)] = -1
+        k = min(net.top_k, scores.shape[-1])
+        scores, idxs = torch.topk(scores, k=k, dim=-1, largest=True, sorted=True)
+        mkpts = torch.cat([torch.gather(mkpts[..., 0], -1, idxs)[..., None], torch.gather(mkpts[..., 1], -1, idxs)[..., None]], dim=-1)
+        feats = F.normalize(net.interpolator(M1, mkpts, H=_H1, W=_W1), dim=-1)
+        mkpts = mkpts * torch.tensor([rw1, rh1]).view(1, 1, -1)
+        valid = scores > 0
+        return {"keypoints": mkpts[0][valid[0]], "scores": scores[0][valid[0]], "descriptors": feats[0][valid[0]]}
+
+
+def aliked_detect(ext, x):
+    """kornia ``ALIKED(x)[0]`` with the dense maps from onnxruntime; DKD and the SDDH head run in torch."""
+    import torch
+    from kornia.feature.aliked.aliked import ALIKEDFeatures
+
+    from .onnx import aliked_spec, local_identity
+
+    sess = cached_session(local_identity(ext), lambda: aliked_spec(ext))
+    net = ext.net
+    h, w = x.shape[-2:]
+    with torch.inference_mode():
+        feature_map, score_map = (torch.from_numpy(a) for a in sess.run({"image": x}))
+        keypoints, kptscores, _ = net.dkd(score_map, image_size=None)
+        descriptors, _ = net.desc_head(feature_map, keypoints)
+        wh = torch.tensor([w - 1, h - 1], dtype=torch.float32)
+        return ALIKEDFeatures(wh * (keypoints[0] + 1) / 2.0, descriptors[0], kptscores[0])
+
+
+def disk_detect(ext, x, n: Optional[int], window_size: int, score_threshold: float):
+    """kornia ``DISK(x, ..., pad_if_not_divisible=True)[0]`` with the U-Net in onnxruntime."""
+    import torch
+    from kornia.feature.disk.detector import heatmap_to_keypoints
+
+    from .onnx import disk_spec, local_identity
+
+    sess = cached_session(local_identity(ext), lambda: disk_spec(ext))
+    with torch.inference_mode():
+        heat, desc = (torch.from_numpy(a) for a in sess.run({"image": x}))
+        kps = heatmap_to_keypoints(heat, n=n, window_size=window_size, score_threshold=score_threshold)
+        return kps[0].merge_with_descriptors(desc[0])
+
+
+# ----------------------------------------------------------------------------- matchers
+
+
+def lightglue_match(matcher, data: Dict[str, Dict[str, Any]]):
+    """``(matches (K, 2) int64, scores (K,))`` of LightGlue's fixed graph (no adaptive depth or width)."""
+    from .onnx import lightglue_spec
+    from ..weights import file_sha256
+
+    ident = {"model": matcher.name, "features": matcher.features, "filter_threshold": float(matcher.net.conf.filter_threshold),
+             "weights": file_sha256(matcher.weights_path)}
+    sess = cached_session(ident, lambda: lightglue_spec(matcher))
+    d0, d1 = data["image0"], data["image1"]
+    m, s = sess.run({"kpts0": d0["keypoints"], "kpts1": d1["keypoints"], "desc0": d0["descriptors"], "desc1": d1["descriptors"],
+                     "size0": d0["image_size"], "size1": d1["image_size"]})
+    return m.astype(np.int64).reshape(-1, 2), s.astype(np.float32).reshape(-1)
+
+
+def loftr_match(matcher, image0, image1) -> Dict[str, np.ndarray]:
+    """kornia LoFTR's ``keypoints0``, ``keypoints1``, ``confidence`` of grey ``(1, 1, H, W)`` tensors, from onnxruntime."""
+    from .onnx import loftr_spec
+    from ..weights import file_sha256
+
+    c = matcher.conf
+    ident = {"model": "loftr", "conf": {"variant": c["variant"], "match_threshold": float(c["match_threshold"]), "border_rm": int(c["border_rm"])},
+             "weights": file_sha256(matcher.weights_path)}
+    sess = cached_session(ident, lambda: loftr_spec(matcher.net, ident))
+    k0, k1, conf = sess.run({"image0": image0, "image1": image1})
+    return {"keypoints0": k0, "keypoints1": k1, "confidence": conf}
