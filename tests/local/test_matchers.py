@@ -126,13 +126,40 @@ def test_warped_pair_recovers_homography(features, matcher, fconf, warped_pair):
     assert corner_error(v.matrix, H, w, h) < 3.0
 
 
-def test_lightglue_match_many_equals_single_pairs(warped_pair, other_textured):
+def _pairs(matches):
+    return {tuple(r) for r in np.asarray(matches["matches"]).tolist()}
+
+
+def test_lightglue_match_many_batches_equal_full_width_single_pairs(warped_pair, other_textured):
+    """Batched re-ranking runs LightGlue at full depth and width: the same matches as one pair at a time without
+    pruning (up to float noise of batched products), and unbatched match_many is exactly match()."""
     img0, img1, _ = warped_pair
     ext = build_extractor("aliked", max_keypoints=512)
-    m = build_matcher("lightglue", features="aliked")
     q, c1, c2 = ext.extract(img0), ext.extract(img1), ext.extract(other_textured)
-    many = m.match_many(q, [c1, c2])
-    single = [m.match(q, c1), m.match(q, c2)]
-    for a, b in zip(many, single):
-        np.testing.assert_array_equal(a["matches"], b["matches"])
-    assert len(many[0]["matches"]) > 3 * len(many[1]["matches"])
+    n = min(len(c1["keypoints"]), len(c2["keypoints"]))
+    c1, c2 = ({k: (v if k == "image_size" else v[:n]) for k, v in c.items()} for c in (c1, c2))  # one batch of two
+    batched = build_matcher("lightglue", features="aliked").match_many(q, [c1, c2, c1])
+    full = build_matcher("lightglue", features="aliked", depth_confidence=-1, width_confidence=-1)
+    for got, cand in zip(batched, [c1, c2, c1]):
+        want = _pairs(full.match(q, cand))
+        assert len(_pairs(got) ^ want) <= max(2, len(want) // 50)
+    assert len(batched[0]["matches"]) > 3 * len(batched[1]["matches"])
+    one = build_matcher("lightglue", features="aliked", batch=1)
+    for got, cand in zip(one.match_many(q, [c1, c2]), [c1, c2]):
+        np.testing.assert_array_equal(got["matches"], one.match(q, cand)["matches"])
+
+
+def test_lightglue_match_many_keeps_order_across_sizes_and_refuses_other_descriptors(warped_pair, other_textured):
+    img0, img1, _ = warped_pair
+    ext = build_extractor("aliked", max_keypoints=512)
+    q, c1, c2 = ext.extract(img0), ext.extract(img1), ext.extract(other_textured)
+    small = {k: (v if k == "image_size" else v[:100]) for k, v in c1.items()}
+    empty = {k: (v if k == "image_size" else v[:0]) for k, v in c1.items()}
+    m = build_matcher("lightglue", features="aliked", batch_mb=1)  # tiny budget: batches of one
+    got = m.match_many(q, [c2, small, c1, empty])
+    assert len(got) == 4 and len(got[3]["matches"]) == 0
+    assert len(got[2]["matches"]) > 3 * len(got[0]["matches"])
+    assert np.all(got[1]["matches"][:, 1] < 100)
+    bad = dict(c1, descriptors=np.zeros((len(c1["keypoints"]), 64), np.float32))
+    with pytest.raises(CbirError, match="descriptor sizes differ"):
+        m.match_many(q, [c1, bad])
