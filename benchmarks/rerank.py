@@ -66,6 +66,7 @@ def main() -> int:
                 "n_queries": rep["n_queries"],
                 "pairs_per_query": min(a.top, rep["gallery_size"] - 1),
                 "wall_seconds": round(time.time() - t0, 1),
+                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],  # > threads: timings shared the CPU
             }
             row["rerank_ms_per_pair"] = round(1000 * row["rerank_s_per_query"] / row["pairs_per_query"], 1)
             results[f"{ds} {a.extractor} {cfg}" + (f" q{a.queries}" if a.queries else "")] = row

@@ -174,7 +174,8 @@ def _add_rerank(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rerank", metavar="MATCHER", help="verify the top candidates and re-order them by RANSAC inliers: lighterglue (xfeat), "
                    "lightglue (aliked, disk), mnn, kdtree, loftr (--weights)")
     g.add_argument("--rerank-top", type=int, default=100, help="candidates to verify per query (default: %(default)s)")
-    g.add_argument("--rerank-keypoints", type=int, help="strongest keypoints per image given to the matcher (default 512)")
+    g.add_argument("--rerank-keypoints", type=int, help="strongest keypoints per image given to the matcher (default: 256 for "
+                   "lightglue/lighterglue/superglue, whose cost grows with its square; 1024 for mnn/kdtree)")
     g.add_argument("--min-inliers", type=int, help="inliers a candidate needs to move up (default 15)")
     _add_runtime(g)
 

@@ -62,17 +62,27 @@ def reorder(ids: np.ndarray, inliers: Sequence[int], min_inliers: int) -> np.nda
     return np.concatenate([ids[:n][order], ids[n:]])
 
 
+#: matchers whose cost grows with the square of the keypoint count
+ATTENTION_MATCHERS = frozenset({"lightglue", "lighterglue", "superglue"})
+#: default keypoints per image for them: top-100 of lighterglue in ~2.3 s per query on 2 cores (512: ~5.2 s), see
+#: benchmarks/results/rerank.json
+ATTENTION_KEYPOINTS = 256
+#: default keypoints per image for the nearest-neighbour matchers (mnn, kdtree)
+OTHER_KEYPOINTS = 1024
+
+
 class Reranker:
     """Re-ranks the results of an index built with ``--local FEATURES`` using matcher ``matcher``.
 
     ``conf``: ``model`` (homography), ``verify`` (options of :func:`~cbir.local.verify.verify`), ``min_inliers``
     (15), ``matcher_conf`` (options of the matcher), ``weights`` (matcher weight file), ``device`` (cpu),
-    ``cache_mb`` (256: candidate features kept in memory between queries), ``max_keypoints`` (512: the
-    strongest keypoints of each image that are matched; attention matchers cost grows with its square).
+    ``cache_mb`` (256: candidate features kept in memory between queries), ``max_keypoints`` (the strongest
+    keypoints of each image that are matched; None: :data:`ATTENTION_KEYPOINTS` for the attention matchers, whose cost
+    grows with its square, :data:`OTHER_KEYPOINTS` for the rest).
     """
 
     DEFAULTS: Dict[str, Any] = {"model": "homography", "verify": {}, "min_inliers": 15, "matcher_conf": {}, "weights": None,
-                                "device": "cpu", "cache_mb": 256, "max_keypoints": 512}
+                                "device": "cpu", "cache_mb": 256, "max_keypoints": None}
 
     def __init__(self, index, matcher: str, conf: Optional[Dict[str, Any]] = None) -> None:
         from . import build_matcher
@@ -81,6 +91,8 @@ class Reranker:
 
         self.index = index
         self.conf = merge_conf(self.DEFAULTS, conf or {}, "re-ranking")
+        if self.conf["max_keypoints"] is None:
+            self.conf["max_keypoints"] = ATTENTION_KEYPOINTS if matcher in ATTENTION_MATCHERS else OTHER_KEYPOINTS
         local = (index.manifest.get("local") or {}) if hasattr(index, "manifest") else {}
         if not local.get("name"):
             raise CbirError(f"{index.folder}: the index holds no local features; rebuild it with --local FEATURES to re-rank")

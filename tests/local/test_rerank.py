@@ -111,12 +111,16 @@ def test_reranker_on_an_index(tmp_path, warped_pair, other_textured):
     assert out.tolist() == [1, 0, 2, 3, -1]
     assert rr.last_inliers[1] >= 15 and rr.last_inliers[3] == -1
     assert rr.describe()["features"] == "rootsift"
+    assert rr.describe()["max_keypoints"] == 1024  # nearest-neighbour matchers get the larger default
+    assert Reranker(idx, "mnn", {"max_keypoints": 64}).describe()["max_keypoints"] == 64
     assert rr.rerank(Entry("q.png", Path(paths[0])), ids, None, top=2).tolist() == ids.tolist()  # pos is beyond top
     rr.close()
     with pytest.raises(CbirError, match="--local"):
         Reranker(FakeIndex(tmp_path, [], [], None), "mnn")
     with pytest.raises(CbirError, match="xfeat"):
         Reranker(idx, "lighterglue")
+    xidx = FakeIndex(tmp_path, idx.names, idx.paths, {"name": "xfeat", "identity": {}})
+    assert Reranker(xidx, "lighterglue").describe()["max_keypoints"] == 256  # attention: cost grows with its square
 
 
 def test_cbir_match_command(tmp_path, warped_pair, capsys):
