@@ -37,7 +37,7 @@ DEFAULT_CONFIGS = ["xfeat:lighterglue:512", "xfeat:lighterglue:256", "xfeat:mnn:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["ukbench56", "boofcv24"])
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="FEATURES:MATCHER:KEYPOINTS")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="FEATURES:MATCHER:KEYPOINTS[:ROTATIONS], e.g. xfeat:lighterglue:256:0,90,180,270")
     ap.add_argument("--top", type=int, default=100)
     ap.add_argument("--extractor", default="fused", help="global descriptor whose ranking is re-ranked (default: fused)")
     ap.add_argument("--threads", type=int, default=2)
@@ -53,14 +53,17 @@ def main() -> int:
             print(f"skipping {ds}: {e}")
             continue
         for cfg in a.configs:
-            feats, matcher, kp = cfg.split(":")
+            feats, matcher, kp, *rot = cfg.split(":")
+            conf = {"max_keypoints": int(kp)}
+            if rot:
+                conf["rotations"] = [int(r) for r in rot[0].split(",")]
             folder = REPO / "indexes" / "bench" / f"{ds}-{a.extractor}-local-{feats}"
             build_index(gallery, folder, extractor=a.extractor, local=feats, progress=False)
             queries, root = _query_list(gallery, a.queries) if a.queries else (None, None)
             t0 = time.time()
-            rep = evaluate(folder, dataset=None if queries else ds, queries=queries, root=root, rerank=matcher, rerank_top=a.top, rerank_conf={"max_keypoints": int(kp)}, progress=False)
+            rep = evaluate(folder, dataset=None if queries else ds, queries=queries, root=root, rerank=matcher, rerank_top=a.top, rerank_conf=conf, progress=False)
             row = {
-                "global": a.extractor, "features": feats, "matcher": matcher, "max_keypoints": int(kp), "top": a.top, "gallery": rep["gallery_size"],
+                "global": a.extractor, "features": feats, "matcher": matcher, "max_keypoints": int(kp), "rotations": conf.get("rotations", [0]), "top": a.top, "gallery": rep["gallery_size"],
                 "metrics": rep["metrics"], "metrics_rerank": rep["metrics_rerank"],
                 "rerank_s_per_query": rep["seconds"]["rerank_s_per_query"],
                 "n_queries": rep["n_queries"],

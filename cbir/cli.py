@@ -166,6 +166,8 @@ def _rerank_conf(a) -> Dict[str, Any]:
         conf["max_keypoints"] = a.rerank_keypoints
     if getattr(a, "min_inliers", None) is not None:
         conf["min_inliers"] = a.min_inliers
+    if getattr(a, "rerank_rotations", None):
+        conf["rotations"] = a.rerank_rotations
     return conf
 
 
@@ -177,6 +179,10 @@ def _add_rerank(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rerank-keypoints", type=int, help="strongest keypoints per image given to the matcher (default: 256 for "
                    "lightglue/lighterglue/superglue, whose cost grows with its square; 1024 for mnn/kdtree)")
     g.add_argument("--min-inliers", type=int, help="inliers a candidate needs to move up (default 15)")
+    g.add_argument("--rerank-rotations", type=int, nargs="+", metavar="DEG",
+                   help="also match the query turned by these angles (multiples of 90, e.g. 0 90 180 270) and keep each "
+                   "candidate's best: xfeat, aliked, disk and their matchers are not rotation invariant (SIFT is); "
+                   "each angle adds one match per candidate (default: 0)")
     _add_runtime(g)
 
 

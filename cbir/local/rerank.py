@@ -71,6 +71,10 @@ ATTENTION_KEYPOINTS = 256
 OTHER_KEYPOINTS = 1024
 
 
+class QueryViews(list):
+    """The query seen at several rotations; :meth:`Reranker.rerank_item` keeps each candidate's best view."""
+
+
 class Reranker:
     """Re-ranks the results of an index built with ``--local FEATURES`` using matcher ``matcher``.
 
@@ -78,11 +82,13 @@ class Reranker:
     (15), ``matcher_conf`` (options of the matcher), ``weights`` (matcher weight file), ``device`` (cpu),
     ``cache_mb`` (256: candidate features kept in memory between queries), ``max_keypoints`` (the strongest
     keypoints of each image that are matched; None: :data:`ATTENTION_KEYPOINTS` for the attention matchers, whose cost
-    grows with its square, :data:`OTHER_KEYPOINTS` for the rest).
+    grows with its square, :data:`OTHER_KEYPOINTS` for the rest), ``rotations`` ([0]: angles in degrees, multiples of
+    90, by which the query is also turned; a candidate scores its best view. The learned features and matchers are
+    not rotation invariant, SIFT is; each angle costs one more query extraction and one more match per candidate).
     """
 
     DEFAULTS: Dict[str, Any] = {"model": "homography", "verify": {}, "min_inliers": 15, "matcher_conf": {}, "weights": None,
-                                "device": "cpu", "cache_mb": 256, "max_keypoints": None}
+                                "device": "cpu", "cache_mb": 256, "max_keypoints": None, "rotations": [0]}
 
     def __init__(self, index, matcher: str, conf: Optional[Dict[str, Any]] = None) -> None:
         from . import build_matcher
@@ -93,6 +99,10 @@ class Reranker:
         self.conf = merge_conf(self.DEFAULTS, conf or {}, "re-ranking")
         if self.conf["max_keypoints"] is None:
             self.conf["max_keypoints"] = ATTENTION_KEYPOINTS if matcher in ATTENTION_MATCHERS else OTHER_KEYPOINTS
+        rots = [int(r) for r in (self.conf["rotations"] or [0])]
+        if any(r % 90 for r in rots):
+            raise CbirError(f"re-ranking rotations must be multiples of 90 degrees, got {rots}")
+        self.conf["rotations"] = list(dict.fromkeys(r % 360 for r in rots))
         local = (index.manifest.get("local") or {}) if hasattr(index, "manifest") else {}
         if not local.get("name"):
             raise CbirError(f"{index.folder}: the index holds no local features; rebuild it with --local FEATURES to re-rank")
@@ -150,11 +160,25 @@ class Reranker:
         return item
 
     def query_item(self, entry) -> Any:
-        """Features (or the image, for a detector-free matcher) of a query ``Entry``: stored ones when it is indexed."""
+        """Features (or the image, for a detector-free matcher) of a query ``Entry``: stored ones when it is indexed;
+        :class:`QueryViews` of them when ``rotations`` asks for turned copies."""
+        stored = None
         if not self.matcher.detector_free and self.store is not None and entry.name in self.store:
-            return strongest(self.store.get(entry.name), self.conf["max_keypoints"])
-        img = self._image(entry.path)
-        return img if self.matcher.detector_free else strongest(self.extractor.extract(img), self.conf["max_keypoints"])
+            stored = strongest(self.store.get(entry.name), self.conf["max_keypoints"])
+            if self.conf["rotations"] == [0]:
+                return stored
+        return self._query_views(self._image(entry.path), stored)
+
+    def _query_views(self, img: np.ndarray, stored: Any = None) -> Any:
+        """The query as matched: one item, or one per rotation (``stored``: its features at 0 degrees, if known)."""
+        views = []
+        for rot in self.conf["rotations"]:
+            if rot == 0 and stored is not None:
+                views.append(stored)
+                continue
+            turned = np.ascontiguousarray(np.rot90(img, k=rot // 90))  # counter-clockwise
+            views.append(turned if self.matcher.detector_free else strongest(self.extractor.extract(turned), self.conf["max_keypoints"]))
+        return views[0] if len(views) == 1 else QueryViews(views)
 
     # -- ranking
     def rerank_item(self, query: Any, ids: np.ndarray, top: int = 100) -> np.ndarray:
@@ -169,7 +193,9 @@ class Reranker:
             if c is not None:
                 cands.append(c)
                 where.append(k)
-        scores = rerank_scores(query, cands, self.matcher, self.conf["model"], self.conf["verify"])
+        views = query if isinstance(query, QueryViews) else [query]
+        scores = np.max([rerank_scores(v, cands, self.matcher, self.conf["model"], self.conf["verify"]) for v in views], axis=0) \
+            if cands else []
         inliers = np.full(len(head), -1, np.int64)
         inliers[where] = scores
         self.last_inliers = {i: int(s) for i, s in zip(head, inliers) if i >= 0}
@@ -192,9 +218,7 @@ class Reranker:
             k = min(len(idx), max(int(top_k), int(top)))
             s, ids = idx.search(vec, k)
             score_of = {int(i): float(v) for i, v in zip(ids[0], s[0]) if i >= 0}
-            img = self._image(p)
-            q = img if self.matcher.detector_free else strongest(self.extractor.extract(img), self.conf["max_keypoints"])
-            new = self.rerank_item(q, ids[0], top=top)
+            new = self.rerank_item(self._query_views(self._image(p)), ids[0], top=top)
             results = []
             for r, i in enumerate([int(i) for i in new if i >= 0][: int(top_k)]):
                 row = idx.result(i, score_of[i], r + 1)
@@ -215,6 +239,7 @@ class Reranker:
             "verify": dict(self.conf["verify"]),
             "min_inliers": int(self.conf["min_inliers"]),
             "max_keypoints": self.conf["max_keypoints"],
+            "rotations": list(self.conf["rotations"]),
         }
 
     def close(self) -> None:

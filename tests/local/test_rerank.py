@@ -145,3 +145,32 @@ def test_cbir_match_command(tmp_path, warped_pair, capsys):
     assert parse_options(["a=1", "b=x", "c=null", "d=[1,2]"], "t") == {"a": 1, "b": "x", "c": None, "d": [1, 2]}
     with pytest.raises(CbirError):
         parse_options(["oops"], "t")
+
+
+def test_reranker_rotations_find_a_turned_copy(tmp_path, textured, other_textured):
+    """XFeat + LighterGlue are not rotation invariant: a copy turned by 90 degrees verifies only when the query is
+    also matched turned (``rotations``), and then as the best of the views."""
+    import cv2
+
+    from cbir.data import Entry
+
+    turned = np.ascontiguousarray(np.rot90(textured, k=1))
+    paths = {}
+    for n, im in (("q.png", textured), ("turned.png", turned), ("neg.png", other_textured)):
+        paths[n] = str(tmp_path / n)
+        cv2.imwrite(paths[n], cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    ext = make_local_extractor("xfeat", {"max_side": 512})
+    with LocalFeatureStore(tmp_path / "local.h5", mode="a") as s:
+        for n in ("turned.png", "neg.png"):
+            s.put(n, ext.extract(cv2.cvtColor(cv2.imread(paths[n]), cv2.COLOR_BGR2RGB)))
+    idx = FakeIndex(tmp_path, ["neg.png", "turned.png"], [paths["neg.png"], paths["turned.png"]],
+                    {"name": "xfeat", "key": ext.key(), "identity": ext.identity()})
+    query = Entry("q.png", Path(paths["q.png"]))
+    upright = Reranker(idx, "lighterglue")
+    upright.rerank(query, np.array([0, 1]))
+    both = Reranker(idx, "lighterglue", {"rotations": [0, 90]})
+    assert both.rerank(query, np.array([0, 1])).tolist() == [1, 0]
+    assert both.last_inliers[1] >= 100 and both.last_inliers[1] > 3 * max(upright.last_inliers[1], 1)
+    assert both.last_inliers[0] < 15 and both.describe()["rotations"] == [0, 90]
+    with pytest.raises(CbirError, match="multiples of 90"):
+        Reranker(idx, "lighterglue", {"rotations": [0, 45]})
