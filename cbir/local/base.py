@@ -159,12 +159,17 @@ class Matcher:
 class SparseMatcher(Matcher):
     """Matches two features dicts; :meth:`match_many` matches one query against many candidates."""
 
-    def match(self, feats0: Features, feats1: Features) -> Matches:
+    def check_pair(self, feats0: Features, feats1: Features, what1: str = "image 1") -> None:
+        """Raise a clear :class:`CbirError` unless both are features dicts with descriptors of one size."""
         check_features(feats0, "features of image 0")
-        check_features(feats1, "features of image 1")
+        check_features(feats1, f"features of {what1}")
         d0, d1 = np.asarray(feats0["descriptors"]).shape[1], np.asarray(feats1["descriptors"]).shape[1]
         if d0 != d1:
-            raise CbirError(f"matcher {self.name!r}: descriptor sizes differ ({d0} vs {d1}): were both images described by the same features?")
+            raise CbirError(f"matcher {self.name!r}: descriptor sizes differ ({d0} vs {d1} for {what1}): were both images "
+                            "described by the same features?")
+
+    def match(self, feats0: Features, feats1: Features) -> Matches:
+        self.check_pair(feats0, feats1)
         if len(feats0["keypoints"]) == 0 or len(feats1["keypoints"]) == 0:
             return empty_matches()
         return self._match(feats0, feats1)
