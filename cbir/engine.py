@@ -37,9 +37,9 @@ LOCAL_DEFAULTS: Dict[str, Any] = {"max_keypoints": 1024, "max_side": 1024}
 
 
 def _progress(iterable=None, total=None, desc="", enabled=True, unit="img"):
-    from tqdm import tqdm
+    from .progress import progress
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    return progress(iterable, total=total, desc=desc, enabled=enabled, unit=unit, stream=sys.stderr)
 
 
 def _log(msg: str, progress=None) -> None:
@@ -50,15 +50,7 @@ def _log(msg: str, progress=None) -> None:
 
 
 def save_state(path: PathLike, arrays: Dict[str, np.ndarray], attrs: Optional[dict] = None) -> None:
-    import h5py
-
-    tmp = Path(str(path) + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        for k, v in arrays.items():
-            f.create_dataset(k, data=v)
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = v
-    os.replace(tmp, path)
+    store.write_arrays(path, arrays, attrs)
 
 
 def load_state_file(path: PathLike) -> Dict[str, np.ndarray]:
@@ -135,6 +127,37 @@ def build_index(
     out: PathLike,
     extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR,
     conf: Optional[Dict[str, Any]] = None,
+    roots: Sequence[PathLike] = (),
+    **options: Any,
+) -> BuildReport:
+    """Extract descriptors of ``entries`` and write an index folder ``out``.
+
+    ``out`` must be new, an empty folder or a cbir index (replaced as a whole when the new one is complete);
+    anything else (a folder with other files, the gallery, the working folder, a file) is refused before any
+    work, and a second build into the same ``out`` stops at once (lock). ``roots``: gallery root folders
+    that must not be replaced. Disk-full and read-only targets stop with a one-line error, keeping the work
+    done so far for a resumed build. ``options``: see :func:`_build_locked`.
+    """
+    entries = list(entries)
+    out = store.check_out(out, images=[e.path for e in entries], roots=roots)
+    work = store.partial_dir(out)
+    store.claim_work(work, out)
+    with store.BuildLock(work, out):
+        try:
+            return _build_locked(entries, out, extractor=extractor, conf=conf, **options)
+        except store.WriteError as e:
+            shutil.rmtree(work / "commit", ignore_errors=True)  # a half-written final folder: made again from the rows
+            kept = store.folder_bytes(work)
+            note = (f"; the work done so far ({kept / 1e6:.1f} MB) is kept in {work}: run the same command again to resume"
+                    if kept and work.exists() else "")
+            raise store.WriteError(f"{e}{note}") from None
+
+
+def _build_locked(
+    entries: Sequence[Entry],
+    out: PathLike,
+    extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR,
+    conf: Optional[Dict[str, Any]] = None,
     strict: bool = False,
     batch_size: int = 16,
     workers: int = 2,
@@ -146,7 +169,7 @@ def build_index(
     local_conf: Optional[Dict[str, Any]] = None,
     log: Callable[[str], None] = None,
 ) -> BuildReport:
-    """Extract descriptors of ``entries`` and write an index folder ``out``.
+    """The build itself, with ``out`` checked and its work folder locked by :func:`build_index`.
 
     Resumable: rows already extracted into ``out.partial`` (an interrupted run) or present in an
     existing index at ``out`` with the same extractor and the same file size and mtime are reused.
@@ -168,15 +191,14 @@ def build_index(
     # -- the work folder: resume only when it was made by the same extractor (config + weights)
     key_nostate = ext.key(with_state=False)
     wmeta_path = work / "work.json"
-    if work.exists():
-        try:
-            wmeta = json.loads(wmeta_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            wmeta = {}
-        if wmeta.get("key") != key_nostate:
+    try:
+        wmeta = json.loads(wmeta_path.read_text())
+    except (OSError, ValueError):
+        wmeta = None
+    if not isinstance(wmeta, dict) or wmeta.get("key") != key_nostate:
+        if wmeta is not None:
             say(f"note: {work} holds work of another extractor; starting afresh")
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+        store.clear_work(work)
     store.write_json_atomic({"key": key_nostate, "identity": ext.identity(with_state=False)}, wmeta_path)
 
     old_manifest = None
@@ -190,21 +212,39 @@ def build_index(
     # -- learned state (codebook...): from the work folder, else from the old index, else fit a sample
     t0 = time.time()
     if ext.needs_fit:
-        if (work / STATE_FILE).is_file():
-            ext.load_state(load_state_file(work / STATE_FILE))
-        elif old_same and (out / STATE_FILE).is_file():
-            ext.load_state(_pre_post_state(load_state_file(out / STATE_FILE), ext))
+        def reuse(path: Path, folder: Path, manifest: Optional[dict], pre_post: bool) -> bool:
+            try:
+                arrays = (store.open_checked(folder, STATE_FILE, manifest, load_state_file) if manifest
+                          else load_state_file(path))
+                ext.load_state(_pre_post_state(arrays, ext) if pre_post else arrays)
+                return True
+            except (CbirError, OSError, KeyError, ValueError) as e:
+                say(f"note: {path}: learned state not reused ({e}); learning it again")
+                return False
+
+        if (work / STATE_FILE).is_file() and reuse(work / STATE_FILE, work, None, False):
+            pass
+        elif old_same and (out / STATE_FILE).is_file() and reuse(out / STATE_FILE, out, old_manifest, True):
             save_state(work / STATE_FILE, ext.state())
         else:
             sample = _fit_sample(entries, max(1, ext.fit_images))
+            bad_sample: List[DecodeError] = []
 
             def sample_images():  # decoded lazily: the sample is never held in memory
                 for _, e, img in iter_decoded(sample, ext.max_side, workers=workers):
-                    if not isinstance(img, DecodeError):
+                    if isinstance(img, DecodeError):
+                        bad_sample.append(img)
+                    else:
                         yield img
 
-            ext.fit(sample_images(), wrap=lambda it, desc: _progress(it, total=len(sample), desc=f"fit: {desc}", enabled=progress),
-                    n=len(sample))
+            try:
+                ext.fit(sample_images(), wrap=lambda it, desc: _progress(it, total=len(sample), desc=f"fit: {desc}", enabled=progress),
+                        n=len(sample))
+            except CbirError as e:
+                if len(bad_sample) == len(sample):
+                    raise CbirError(f"none of the {len(sample)} image(s) sampled to learn {ext.name}'s codebook could be read, "
+                                    f"e.g. {bad_sample[0]}") from None
+                raise
             save_state(work / STATE_FILE, ext.state())
     seconds["fit"] = round(time.time() - t0, 3)
     key = ext.key(with_state=True)
@@ -221,7 +261,11 @@ def build_index(
     want = {e.name: e for e in entries}
     # rows of the existing index with the same extractor, file size and mtime
     if old_same and old_manifest.get("extractor", {}).get("key") == key and (out / store.FEATURES).is_file():
-        old, _ = store.read_rows(out / store.FEATURES)
+        try:
+            old = store.open_checked(out, store.FEATURES, old_manifest, lambda p: store.read_rows(p)[0])
+        except CbirError as e:
+            say(f"note: not reusing the rows of the existing index: {e}")
+            old = {"names": []}
         src = "raw" if "raw" in old else "descriptors"
         take = []
         for j, n in enumerate(old["names"]):
@@ -259,6 +303,13 @@ def build_index(
         # images whose local features exist already (work folder or old index) are skipped
         if old_manifest and (old_manifest.get("local") or {}).get("key") == local_ext.key() and (out / "local.h5").is_file():
             local_writer.copy_from(out / "local.h5", [n for n in want if n not in stale])
+    # -- stop before hours of extraction when the disk cannot hold the result (rows, then features + faiss)
+    try:
+        d_final, d_raw = int(ext.dim), int(getattr(ext, "raw_dim", ext.dim))
+    except Exception:  # noqa: BLE001 - a dimension known only after extraction: the writers report a full disk
+        d_final = d_raw = 0
+    if d_final:
+        store.check_space(work, len(todo) * (4 * d_raw + 300) + len(entries) * (8 * d_final + 300) + (1 << 20), f"{len(entries)} images")
     # -- extract: decode once, at the larger of the global and local sizes; each shrinks further itself
     t0 = time.time()
     extracted = 0
@@ -344,7 +395,10 @@ def build_index(
     final = ext.post(raw)
     commit = work / "commit"
     shutil.rmtree(commit, ignore_errors=True)
-    commit.mkdir()
+    try:
+        commit.mkdir()
+    except OSError as e:
+        raise store.write_error(commit, e) from None
     names = [rows["names"][j] for j in order]
     paths = [str(want[n].path.resolve()) for n in names]
     labels = [want[n].label for n in names]
@@ -356,6 +410,9 @@ def build_index(
         extra["raw"] = raw.astype(np.float32)  # what a later rebuild re-fits the post transform on
     if codes is not None:
         extra["codes"] = codes
+    # features.h5 + the faiss file (a flat index holds one more copy of the vectors), before writing a byte
+    need = final.size * 4 + sum(v.nbytes for v in extra.values()) + (codes.nbytes if codes is not None else final.size * 4)
+    store.check_space(commit, need + 200 * len(names) + (1 << 20), "the index")
     store.write_features(commit / store.FEATURES, store.Rows(names, paths, labels, sizes, mtimes, final.astype(np.float32)), extra)
     if codes is not None:
         index = HammingIndex(codes.shape[1] * 8)
@@ -395,6 +452,7 @@ def build_index(
         "seconds": seconds,
         "local": ({"name": local, "key": local_ext.key(), "identity": local_ext.identity()} if local_ext else None),
     }
+    manifest["files"] = {p.name: store.file_record(p) for p in sorted(commit.iterdir()) if p.is_file()}
     store.write_json_atomic(manifest, commit / store.MANIFEST)
     store.commit_folder(commit, out)
     shutil.rmtree(work, ignore_errors=True)
@@ -447,25 +505,43 @@ def _extract_singly(ext, item, failures, strict, pb, exc):
 class Index:
     """A built index folder: manifest, row metadata, descriptors, the faiss index and the extractor."""
 
-    def __init__(self, folder: PathLike) -> None:
+    def __init__(self, folder: PathLike, verify: bool = True) -> None:
+        """Open ``folder``; every file is checked against the manifest's size and SHA-256 first (``verify``),
+        so a damaged index is a one-line error naming the file, never silently wrong rankings."""
         self.folder = Path(folder)
-        self.manifest = store.read_manifest(self.folder)
-        rows, _ = store.read_rows(self.folder / store.FEATURES)
+        self.manifest = m = store.read_manifest(self.folder)
+        self.metric = m["metric"]
+        rows = store.open_checked(self.folder, store.FEATURES, m, lambda p: store.read_rows(p)[0], verify)
+        n = m["count"]
+        width = m["code_bits"] // 8 if self.metric == "hamming" else m["dim"]
+        for key, shape in (("names", (n,)), ("paths", (n,)), ("labels", (n,)), ("descriptors", (n, m["dim"])),
+                           *((("codes", (n, width)),) if self.metric == "hamming" else ())):
+            got = getattr(rows.get(key), "shape", None)
+            if got != shape:
+                raise store.damaged(self.folder, store.FEATURES, f"dataset {key!r} has shape {got}, the manifest implies {shape}", m)
         self.names: np.ndarray = rows["names"]
         self.paths: np.ndarray = rows["paths"]
         self.labels: np.ndarray = np.array([l if l != "" else None for l in rows["labels"]], dtype=object)
         self.descriptors: np.ndarray = rows["descriptors"]
         self.codes: Optional[np.ndarray] = rows.get("codes")
-        self.metric = self.manifest["metric"]
-        fpath = self.folder / self.manifest["faiss"]
         if self.metric == "hamming":
-            self.index = HammingIndex.load(fpath)
+            self.index = store.open_checked(self.folder, m["faiss"], m, HammingIndex.load, verify)
         else:
-            self.index = CosineIndex.load(fpath, ann=self.manifest.get("ann", "flat"))
-        if self.index.ntotal != len(self.names):
-            raise CbirError(f"{self.folder}: faiss file holds {self.index.ntotal} vectors but features.h5 {len(self.names)} rows")
+            self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: CosineIndex.load(p, ann=m["ann"]), verify)
+        if self.index.ntotal != n or self.index.dim != (m["code_bits"] if self.metric == "hamming" else m["dim"]):
+            raise store.damaged(self.folder, m["faiss"], f"holds {self.index.ntotal} vectors of dimension {self.index.dim}, "
+                                f"the manifest {n} of {m['code_bits'] if self.metric == 'hamming' else m['dim']}", m)
+        self._verify = verify
         self._pos = {n: i for i, n in enumerate(self.names)}
         self._extractor: Optional[Extractor] = None
+
+    def open_local(self):
+        """``local.h5`` (re-ranking features), checked against the manifest like every index file."""
+        from .local.store import LocalFeatureStore
+
+        if not (self.folder / store.LOCAL_FILE).exists() and not self.manifest.get("local"):
+            raise CbirError(f"{self.folder}: no local features (build the index with --local FEATURES to re-rank)")
+        return store.open_checked(self.folder, store.LOCAL_FILE, self.manifest, lambda p: LocalFeatureStore(p, mode="r"), self._verify)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -478,11 +554,30 @@ class Index:
     def extractor(self) -> Extractor:
         """The extractor exactly as the gallery was described (config + learned state)."""
         if self._extractor is None:
-            ident = self.manifest["extractor"]
-            conf = {k: (str(self.folder / f"{k}.h5") if v == f"@{k}" else v) for k, v in ident["conf"].items()}
-            ext = make_extractor(ident["name"], conf)
-            if (self.folder / STATE_FILE).is_file():
-                ext.load_state(load_state_file(self.folder / STATE_FILE))
+            m = self.manifest
+            ident = m["extractor"]
+            conf = {}
+            for k, v in ident["conf"].items():
+                if v == f"@{k}":  # a file the index keeps a copy of (validated as a plain name by the manifest schema)
+                    store.verify_file(self.folder, f"{k}.h5", m, self._verify)
+                    v = str(self.folder / f"{k}.h5")
+                conf[k] = v
+            try:
+                ext = make_extractor(ident["name"], conf)
+            except CbirError as e:
+                raise CbirError(f"{self.folder / store.MANIFEST}: its extractor cannot be made here ({e})") from None
+            if ident.get("state") is not None or (self.folder / STATE_FILE).exists():
+                arrays = store.open_checked(self.folder, STATE_FILE, m, load_state_file, self._verify)
+                try:
+                    ext.load_state(arrays)
+                except (CbirError, KeyError, ValueError) as e:
+                    raise store.damaged(self.folder, STATE_FILE, f"learned state does not load: {e}", m) from None
+            try:
+                dim = int(ext.dim)
+            except CbirError as e:
+                raise CbirError(f"{self.folder / store.MANIFEST}: its extractor cannot be made here ({e})") from None
+            if dim != m["dim"]:  # checked before any descriptor is allocated from a (possibly hostile) conf
+                raise store.damaged(self.folder, store.MANIFEST, f"the extractor conf implies {dim}-d descriptors, the index holds {m['dim']}-d", m)
             if ext.weights() != ident.get("weights", {}):
                 raise IndexMismatch(
                     f"{self.folder}: the index was built with weights {ident.get('weights')} but this machine resolves {ext.weights()}; "
@@ -514,21 +609,38 @@ class Index:
     def search(self, vectors: np.ndarray, k: int, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         return self.index.search(vectors, k, exclude=exclude)
 
-    def query_images(self, paths: Sequence[PathLike], top_k: int = 10, exclude_self: bool = False) -> List[Dict[str, Any]]:
-        """Rank the gallery for each image file; returns one dict per query with its ranked results."""
+    def query_images(self, paths: Sequence[PathLike], top_k: int = 10, exclude_self: bool = False,
+                     failures: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+        """Rank the gallery for each image file; returns one dict per answered query with its ranked results.
+
+        A query that cannot be answered (unreadable file, an image without a usable descriptor) raises its
+        :class:`CbirError`, unless ``failures`` is a list: then ``{"path", "cause", "position"}`` (position: its index
+        in ``paths``) is appended there and the other queries are still answered. Errors of the index itself
+        (:class:`IndexMismatch`: extractor, weights, dimension) always raise.
+        """
         from .data import decode_image
 
+        if int(top_k) < 1:
+            raise CbirError(f"top_k must be a positive number of results, got {top_k}")
         ext = self.extractor
         out = []
-        for p in paths:
+        for pos, p in enumerate(paths):
             t0 = time.time()
-            img = decode_image(p, max_side=ext.max_side)
-            _, vec = self.describe_images([img])
-            ex = None
-            if exclude_self:
-                r = self._row_of_path(p)
-                ex = np.array([-1 if r is None else r])
-            scores, ids = self.search(vec, top_k, exclude=ex)
+            try:
+                img = decode_image(p, max_side=ext.max_side)
+                _, vec = self.describe_images([img])
+                ex = None
+                if exclude_self:
+                    r = self._row_of_path(p)
+                    ex = np.array([-1 if r is None else r])
+                scores, ids = self.search(vec, top_k, exclude=ex)
+            except IndexMismatch:
+                raise
+            except CbirError as err:
+                if failures is None:
+                    raise
+                failures.append({"path": str(p), "cause": getattr(err, "cause", None) or str(err), "position": pos})
+                continue
             r = self._row_of_path(p)
             out.append({
                 "query": str(p),
@@ -552,6 +664,38 @@ class Index:
 
 def load_index(folder: PathLike) -> Index:
     return Index(folder)
+
+
+def verify_index(folder: PathLike) -> Dict[str, Any]:
+    """Check every file of an index against its manifest (size and SHA-256), then open it as a query would
+    (shapes, faiss dimensions, the extractor with its learned state and weights, local features).
+
+    Returns ``{"index", "ok", "files": [{"file", "bytes", "ok", "error"?}], "errors": [...]}``; a manifest that is
+    missing or invalid raises, as there is nothing to check against.
+    """
+    folder = Path(folder)
+    m = store.read_manifest(folder)
+    files, errors = [], []
+    recorded = m.get("files") or {}
+    if not recorded:
+        errors.append(f"{folder / store.MANIFEST}: records no checksums (built by an older cbir); rebuild the index to verify it")
+    for name, rec in recorded.items():
+        try:
+            store.verify_file(folder, name, m, full=True)
+            files.append({"file": name, "bytes": rec["bytes"], "ok": True})
+        except CbirError as e:
+            files.append({"file": name, "bytes": rec["bytes"], "ok": False, "error": str(e)})
+            errors.append(str(e))
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in recorded and p.name != store.MANIFEST)
+    if not errors:
+        try:
+            idx = Index(folder)
+            idx.extractor  # noqa: B018 - builds the extractor: state, dimension and weights checked
+            if m.get("local"):
+                idx.open_local().close()
+        except CbirError as e:
+            errors.append(str(e))
+    return {"index": str(folder), "ok": not errors, "count": m["count"], "files": files, "unrecorded": extra, "errors": errors}
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -588,8 +732,14 @@ def evaluate(
 
     Queries that are gallery images (same name) use their stored descriptor and are left out of their
     own ranking (leave-one-out); other queries are extracted. Relevant = same label.
+
+    Queries without any relevant gallery image (a label the gallery lacks) cannot be scored: a warning names one,
+    the report counts them apart (``n_queries_without_relevant``, the first 10 in ``queries_without_relevant``) and
+    ``n_queries`` counts the queries the metrics are means over; unreadable queries are in ``query_failures``.
+    An undefined metric is None, never NaN. Raises :class:`CbirError` when no query can be evaluated.
     """
-    from .eval.metrics import MetricAccumulator, seed_scores
+    from .cliutil import tty_safe
+    from .eval.metrics import MetricAccumulator, finite_or_none, seed_scores
 
     t_start = time.time()
     idx = index if isinstance(index, Index) else Index(index)
@@ -599,16 +749,40 @@ def evaluate(
     if any(e.label is None for e in q_entries):
         raise CbirError("every query needs a label to be evaluated (the list has unlabelled entries)")
 
+    if ks is None or not len(ks) or any(int(k) < 1 for k in ks):
+        raise CbirError(f"cut-offs k must be positive integers, got {list(ks or [])}")
+    if max_rank is not None and int(max_rank) < 1:
+        raise CbirError(f"max_rank must be a positive number of results, got {max_rank}")
+    if not q_entries:
+        raise CbirError(f"no query to evaluate: {source} lists none")
+
     # gallery-side label counts
     gl = np.array(["" if l is None else str(l) for l in idx.labels], dtype=object)
     counts: Dict[str, int] = {}
     for l in gl:
         counts[l] = counts.get(l, 0) + 1
 
+    # relevant gallery items of each query (itself left out when it is a gallery image of the same label);
+    # queries without any cannot be scored: counted apart, left out of the metrics, named in the report
+    rows = np.array([idx.row(e.name) if idx.row(e.name) is not None else -1 for e in q_entries])
+    n_rel_all = np.array([counts.get(str(e.label), 0) - (1 if r >= 0 and gl[r] == str(e.label) else 0)
+                          for e, r in zip(q_entries, rows)], dtype=np.int64)
+    no_rel = np.flatnonzero(n_rel_all <= 0)
+    without_relevant = [{"name": q_entries[i].name, "label": str(q_entries[i].label)} for i in no_rel[:10]]
+    if len(no_rel):
+        e0 = q_entries[no_rel[0]]
+        why = "its label is not in the gallery" if counts.get(str(e0.label), 0) == 0 else "no other gallery image has its label"
+        if len(no_rel) == len(q_entries):
+            named = sorted(l for l in counts if l)
+            shown = ", ".join(repr(l) for l in named[:5]) + (", ..." if len(named) > 5 else "")
+            raise CbirError(f"no query can be evaluated: none of the {len(q_entries)} queries has a relevant image in the gallery, "
+                            f"e.g. {e0.name!r} with label {str(e0.label)!r} ({why}); gallery labels: {shown}")
+        _log(f"warning: {len(no_rel)} of {len(q_entries)} queries have no relevant image in the gallery and are left out of "
+             f"the metrics, e.g. {tty_safe(e0.name)} (label {str(e0.label)!r}: {why})")
+
     # query vectors: stored rows for gallery images, extracted otherwise
     t0 = time.time()
-    rows = np.array([idx.row(e.name) if idx.row(e.name) is not None else -1 for e in q_entries])
-    ext_needed = [i for i, r in enumerate(rows) if r < 0]
+    ext_needed = [i for i, r in enumerate(rows) if r < 0 and n_rel_all[i] > 0]
     dim_vec = idx.codes.shape[1] if idx.metric == "hamming" else idx.descriptors.shape[1]
     qvec = np.zeros((len(q_entries), dim_vec), dtype=np.uint8 if idx.metric == "hamming" else np.float32)
     qfinal = np.zeros((len(q_entries), idx.descriptors.shape[1]), np.float32)
@@ -627,16 +801,20 @@ def evaluate(
             if isinstance(img, DecodeError):
                 failures.append({"path": str(e.path), "cause": img.cause})
                 keep[i] = False
-                _log(f"skipped query {e.path}: {img.cause}", pb)
+                _log(f"skipped query {tty_safe(e.path)}: {tty_safe(img.cause)}", pb)
             else:
                 f, v = idx.describe_images([img])
                 qfinal[i], qvec[i] = f[0], v[0]
             pb.update()
         pb.close()
     t_extract = time.time() - t0
-    qidx = np.flatnonzero(keep)
+    qidx = np.flatnonzero(keep & (n_rel_all > 0))
+    if not len(qidx):
+        f0 = failures[0]
+        raise CbirError(f"no query can be evaluated: the {len(failures)} queries with relevant gallery images could not be read, "
+                        f"e.g. {f0['path']}: {f0['cause']}")
     labels_q = np.array([str(q_entries[i].label) for i in qidx], dtype=object)
-    n_rel = np.array([counts.get(l, 0) - (1 if rows[i] >= 0 else 0) for l, i in zip(labels_q, qidx)])
+    n_rel = n_rel_all[qidx]
     self_in_gallery = bool((rows[qidx] >= 0).all())
     with_ns = len(counts) > 0 and all(c == 4 for c in counts.values())
     n = len(idx)
@@ -671,6 +849,10 @@ def evaluate(
     pb.close()
     t_search = time.time() - t0 - t_rerank
     nq = len(qidx)
+
+    def curve(values) -> List[Optional[float]]:  # JSON has no NaN: an undefined point is null
+        return [None if finite_or_none(x) is None else round(float(x), 4) for x in values]
+
     report: Dict[str, Any] = {
         "dataset": source,
         "split": split,
@@ -679,12 +861,17 @@ def evaluate(
         "extractor_conf": idx.manifest["extractor"]["conf"],
         "metric": idx.metric,
         "gallery_size": n,
+        # n_queries: the queries the metrics are means over; the others are counted apart
         "n_queries": nq,
+        "n_queries_listed": len(q_entries),
+        "n_queries_without_relevant": int(len(no_rel)),
+        "queries_without_relevant": without_relevant,  # the first 10: {"name", "label"}
+        "n_query_failures": len(failures),
         "leave_one_out": self_in_gallery,
         "max_rank": K,
         "metrics": acc.summary(),
         "seed_definition": seed_scores(np.concatenate(seed_rel)) if seed_rel else {},
-        "pr_curve": {"recall": np.linspace(0, 1, 11).round(2).tolist(), "precision": [round(float(x), 4) for x in acc.pr()]},
+        "pr_curve": {"recall": np.linspace(0, 1, 11).round(2).tolist(), "precision": curve(acc.pr())},
         "seconds": {
             "extract_queries": round(t_extract, 3),
             "search": round(t_search, 3),
@@ -698,7 +885,7 @@ def evaluate(
         report["rerank"] = {"matcher": rerank, "top": rerank_top, **reranker.describe()}
         report["seconds"]["rerank"] = round(t_rerank, 3)
         report["seconds"]["rerank_s_per_query"] = round(t_rerank / max(1, nq), 4)
-        report["pr_curve_rerank"] = [round(float(x), 4) for x in acc_rr.pr()]
+        report["pr_curve_rerank"] = curve(acc_rr.pr())
     if plot:
         from .eval.plots import pr_plot
 

@@ -20,3 +20,7 @@ class WeightsNotFound(CbirError):
 
 class IndexMismatch(CbirError):
     """A query or feature does not fit the index (extractor, dimension, kind)."""
+
+
+class IndexDamaged(CbirError):
+    """An index file is missing, truncated, altered or unreadable; the message names it and how to rebuild."""

@@ -21,6 +21,8 @@ import numpy as np
 
 def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the ``segment`` sub-command to the main parser's sub-parsers."""
+    from .cliutil import non_negative_int, positive_int
+
     s = sub.add_parser(
         "segment",
         help="per-pixel class map of an image from a semantic head (fully convolutional use, bilinear upsampling)",
@@ -35,9 +37,9 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
     s.add_argument("--out", metavar="PNG", help="write the image and its class map side by side")
     s.add_argument("--json", action="store_true", help="print the class fractions (and the grid, stride, global prediction) as JSON")
     s.add_argument("--window", default="3", metavar="N", help="cells per side each location's descriptor pools (odd), or 'global' (default: %(default)s)")
-    s.add_argument("--max-side", type=int, default=1024, metavar="PX", help="decode the image with its longer side at most this; the map has this size (default: %(default)s; 0: as stored)")
+    s.add_argument("--max-side", type=non_negative_int, default=1024, metavar="PX", help="decode the image with its longer side at most this; the map has this size (default: %(default)s; 0: as stored)")
     s.add_argument("--full-res", action="store_true", help="analyse the image at the decoded size instead of the head's training size (seed 004's full-resolution map)")
-    s.add_argument("--chunk", type=int, default=32, metavar="C", help="classes upsampled at a time (memory ~ H*W*(4*C + 40) bytes; default: %(default)s)")
+    s.add_argument("--chunk", type=positive_int, default=32, metavar="C", help="classes upsampled at a time (memory ~ H*W*(4*C + 40) bytes; default: %(default)s)")
     add_common(s)
     s.set_defaults(func=cmd_segment)
 

@@ -194,3 +194,65 @@ def test_hash_index_round_trip_and_rebuild(small_set, tmp_path):
     np.testing.assert_array_equal(Index(tmp_path / "h").codes, idx.codes)
     ev = evaluate(tmp_path / "h", queries=small_set / "list.txt", progress=False)
     assert ev["metric"] == "hamming" and 0 <= ev["metrics"]["map"] <= 1
+
+
+def test_query_images_collects_bad_files_when_asked(small_set, tmp_path):
+    entries = read_file_list(small_set / "list.txt")
+    build_index(entries, tmp_path / "idx", **COLOUR)
+    idx = Index(tmp_path / "idx")
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    paths = [entries[0].path, tmp_path / "bad.jpg", tmp_path / "missing.jpg", entries[9].path]
+    failures = []
+    res = idx.query_images(paths, top_k=2, failures=failures)
+    assert [q["query"] for q in res] == [str(entries[0].path), str(entries[9].path)]
+    assert res[1]["results"][0]["name"] == entries[9].name and res[1]["query_label"] == "group2"
+    assert [(f["position"], os.path.basename(f["path"])) for f in failures] == [(1, "bad.jpg"), (2, "missing.jpg")]
+    assert "empty" in failures[0]["cause"] and failures[1]["cause"] == "file not found"
+    # the library's default: the first unreadable query raises
+    with pytest.raises(CbirError, match="empty"):
+        idx.query_images(paths, top_k=2)
+    with pytest.raises(CbirError, match="top_k"):
+        idx.query_images(paths[:1], top_k=0)
+
+
+def test_eval_counts_queries_without_relevant_items_apart(small_set, tmp_path, capsys):
+    entries = read_file_list(small_set / "list.txt")
+    build_index(entries, tmp_path / "idx", **COLOUR)
+    # gallery names as queries (leave-one-out), two of them with a label the gallery lacks
+    q = tmp_path / "q.txt"
+    q.write_text("".join(f"{e.name}\t{'missing' if i in (3, 7) else e.label}\n" for i, e in enumerate(entries)))
+    rep = evaluate(tmp_path / "idx", queries=q, root=small_set, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "2 of 12 queries have no relevant image" in err and "'missing'" in err
+    assert rep["n_queries"] == 10 and rep["n_queries_listed"] == 12 and rep["n_queries_without_relevant"] == 2
+    assert [x["label"] for x in rep["queries_without_relevant"]] == ["missing", "missing"]
+    json.dumps(rep, allow_nan=False)  # strict JSON: no NaN anywhere
+    assert all(v is not None for v in rep["metrics"].values())
+    assert rep["leave_one_out"]
+    # the metrics are those of the 10 others alone
+    keep = [l for i, l in enumerate((small_set / "list.txt").read_text().splitlines()) if i not in (3, 7)]
+    (tmp_path / "ten.txt").write_text("\n".join(keep) + "\n")
+    ten = evaluate(tmp_path / "idx", queries=tmp_path / "ten.txt", root=small_set, progress=False)
+    assert ten["n_queries"] == 10 and ten["metrics"] == rep["metrics"]
+    # a query that is the only gallery image of its label has nothing relevant either (leave-one-out)
+    lst = tmp_path / "single.txt"
+    lst.write_text((small_set / "list.txt").read_text().replace("img/g2_3.jpg\tgroup2", "img/g2_3.jpg\tlonely"))
+    build_index(read_file_list(lst, root=small_set), tmp_path / "idx2", **COLOUR)
+    rep2 = evaluate(tmp_path / "idx2", queries=lst, root=small_set, progress=False)
+    assert rep2["n_queries"] == 11 and rep2["queries_without_relevant"] == [{"name": "img/g2_3.jpg", "label": "lonely"}]
+    assert "no other gallery image has its label" in capsys.readouterr().err
+
+
+def test_eval_without_any_evaluable_query_raises(small_set, tmp_path):
+    entries = read_file_list(small_set / "list.txt")
+    build_index(entries, tmp_path / "idx", **COLOUR)
+    q = tmp_path / "q.txt"
+    q.write_text(f"{entries[0].path}\tnowhere\n{entries[5].path}\tnowhere\n")
+    with pytest.raises(CbirError, match="no query can be evaluated: none of the 2 queries"):
+        evaluate(tmp_path / "idx", queries=q, progress=False)
+    # the only queries with a relevant label are unreadable
+    q.write_text(f"{tmp_path / 'missing.jpg'}\tgroup0\n{entries[5].path}\tnowhere\n")
+    with pytest.raises(CbirError, match="could not be read.*missing.jpg: file not found"):
+        evaluate(tmp_path / "idx", queries=q, progress=False)
+    with pytest.raises(CbirError, match="cut-offs"):
+        evaluate(tmp_path / "idx", ks=(0, 5), progress=False)

@@ -103,13 +103,24 @@ def pr_curve(rel, n_rel, levels: Optional[np.ndarray] = None) -> np.ndarray:
     return out
 
 
-def seed_scores(rel) -> Dict[str, float]:
+def finite_or_none(x) -> Optional[float]:
+    """``float(x)``, or None where it is NaN / infinite (an undefined mean): JSON has no NaN, reports write null."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def seed_scores(rel) -> Dict[str, Optional[float]]:
     """The numbers seed 003 prints as "mAP@1/5/10", for comparison only.
 
     Its "mAP@5" and "mAP@10" are mean precision@5 and @10; its "mAP@1" reads column 1, the
     relevance of the *second* result. cbir reports these as precision@k (with @1 read correctly).
+    None for each when there is no query.
     """
     rel = _pad(_as_rel(rel), 10).astype(np.float64)
+    if rel.shape[0] == 0:
+        return {"seed_mAP@1": None, "seed_mAP@5": None, "seed_mAP@10": None}
     return {
         "seed_mAP@1": float(rel[:, 1].mean()),
         "seed_mAP@5": float(rel[:, :5].mean(1).mean()),
@@ -122,6 +133,8 @@ class MetricAccumulator:
 
     def __init__(self, ks: Iterable[int] = (1, 5, 10), with_ns: bool = False, self_in_gallery: bool = True) -> None:
         self.ks = sorted(set(int(k) for k in ks))
+        if not self.ks or self.ks[0] < 1:
+            raise ValueError(f"cut-offs k must be positive integers, got {list(ks)}")
         self.with_ns = with_ns
         self.self_in_gallery = self_in_gallery
         self.parts: Dict[str, list] = {}
@@ -145,22 +158,35 @@ class MetricAccumulator:
         return np.concatenate(self.parts[key]) if key in self.parts else np.zeros(0)
 
     def n_queries(self) -> int:
+        """Queries seen (with or without relevant items)."""
         return len(self.per_query("n_rel"))
 
-    def summary(self) -> Dict[str, float]:
-        """Means over queries; queries without any relevant gallery item are left out of every mean."""
+    def n_evaluated(self) -> int:
+        """Queries the means are taken over: those with at least one relevant gallery item."""
+        return int((self.per_query("n_rel") > 0).sum())
+
+    def summary(self) -> Dict[str, Optional[float]]:
+        """Means over the queries with at least one relevant gallery item (the others are left out of every mean);
+        None where no query has one (the mean is undefined), never NaN."""
         valid = self.per_query("n_rel") > 0
-        out: Dict[str, float] = {}
+
+        def mean(key: str) -> Optional[float]:
+            v = self.per_query(key)[valid] if key in self.parts else np.zeros(0)
+            v = v[np.isfinite(v)]
+            return float(v.mean()) if len(v) else None
+
+        out: Dict[str, Optional[float]] = {}
         for k in self.ks:
-            out[f"precision@{k}"] = float(self.per_query(f"precision@{k}")[valid].mean()) if valid.any() else float("nan")
+            out[f"precision@{k}"] = mean(f"precision@{k}")
         for k in self.ks:
-            out[f"ap@{k}"] = float(np.nanmean(self.per_query(f"ap@{k}")[valid])) if valid.any() else float("nan")
-        out["map"] = float(np.nanmean(self.per_query("ap")[valid])) if valid.any() else float("nan")
+            out[f"ap@{k}"] = mean(f"ap@{k}")
+        out["map"] = mean("ap")
         if self.with_ns:
-            out["ns_score"] = float(self.per_query("ns")[valid].mean()) if valid.any() else float("nan")
+            out["ns_score"] = mean("ns")
         return out
 
     def pr(self) -> np.ndarray:
-        """Mean interpolated precision at the 11 recall levels."""
+        """Mean interpolated precision at the 11 recall levels (NaN where no query has a relevant item: write it
+        through :func:`finite_or_none`)."""
         valid = self.per_query("n_rel") > 0
         return np.nanmean(self.per_query("pr")[valid], axis=0) if valid.any() else np.full(11, np.nan)

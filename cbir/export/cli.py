@@ -20,6 +20,8 @@ from typing import Callable
 
 
 def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    from ..cliutil import int_at_least
+
     e = sub.add_parser("export", help="export cbir's networks for deployment without PyTorch (ONNX)",
                        description="Export cbir's networks. See README 'ONNX' for what each graph holds.")
     esub = e.add_subparsers(dest="export_command", metavar="FORMAT")
@@ -36,7 +38,7 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
     o.add_argument("--matcher-weights", metavar="PATH", help="superpoint+superglue: superglue_{indoor,outdoor}.pth; lightglue: its .pth")
     o.add_argument("--conf", nargs="*", metavar="KEY=VALUE", help="options baked into the graph, e.g. pool=gap p=3 stages='[\"block3\"]' "
                    "(pooled), features=disk (lightglue), max_keypoints=1024 match_threshold=0.2 variant=indoor (superpoint+superglue)")
-    o.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16; default: %(default)s)")
+    o.add_argument("--opset", type=int_at_least(16, "an ONNX opset >= 16 (grid_sample needs it)"), default=17, help="ONNX opset (>= 16; default: %(default)s)")
     o.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check after export")
     o.add_argument("--json", action="store_true", help="print the export summary as JSON")
     o.add_argument("--list", action="store_true", help="list the exportable models and exit")
@@ -52,7 +54,7 @@ def cmd_export_onnx(a) -> int:
     if a.list:
         names = model_names()
         print("models:", ", ".join(names))
-        print("bare backbone names are the pooled descriptor (pooled:NAME); mobilenet_v2 and resnet* need --weights")
+        print("bare backbone names are the pooled descriptor (pooled:NAME); resnet* need --weights (mobilenet_v2 finds its ImageNet weights offline)")
         return 0
     if not a.model or not a.out:
         raise CbirError("cbir export onnx needs --model NAME and --out FILE.onnx (or --list)")

@@ -122,7 +122,9 @@ class CosineIndex(_Base):
         return self.index.search(l2_normalise(q, "query descriptor"), k)
 
     def save(self, path: os.PathLike) -> None:
-        _faiss().write_index(self.index, str(path))
+        from .store import write_faiss
+
+        write_faiss(self.index, path)
 
     @classmethod
     def load(cls, path: os.PathLike, ann: str = "flat") -> "CosineIndex":
@@ -155,7 +157,9 @@ class HammingIndex(_Base):
         return 1.0 - d.astype(np.float32) / self.dim, i
 
     def save(self, path: os.PathLike) -> None:
-        _faiss().write_index_binary(self.index, str(path))
+        from .store import write_faiss
+
+        write_faiss(self.index, path, binary=True)
 
     @classmethod
     def load(cls, path: os.PathLike) -> "HammingIndex":

@@ -37,6 +37,8 @@ def parse_options(items: Optional[List[str]], what: str) -> Dict[str, Any]:
 
 def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the ``match`` sub-command to the main parser's sub-parsers."""
+    from ..cliutil import non_negative_int
+
     m = sub.add_parser(
         "match",
         help="match two images with local features and verify them geometrically",
@@ -51,7 +53,7 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
     m.add_argument("--recipe", choices=["delf"], help="delf: kd-tree matching within 0.8 and affine RANSAC (20 px, 1000 trials), seed 000")
     m.add_argument("--weights", metavar="PATH", help="weight file of the features (superpoint_v1.pth...) or of a detector-free matcher")
     m.add_argument("--matcher-weights", metavar="PATH", help="weight file of the matcher (superglue_outdoor.pth...)")
-    m.add_argument("--max-side", type=int, default=1024, help="shrink longer sides to this for the networks; results stay in the input frame (default: %(default)s; 0: never)")
+    m.add_argument("--max-side", type=non_negative_int, default=1024, help="shrink longer sides to this for the networks; results stay in the input frame (default: %(default)s; 0: never)")
     m.add_argument("--device", default="cpu")
     m.add_argument("--conf", nargs="*", metavar="KEY=VALUE", help="options of the features, e.g. max_keypoints=4096")
     m.add_argument("--matcher-conf", nargs="*", metavar="KEY=VALUE", help="options of the matcher, e.g. ratio_threshold=0.8")

@@ -110,7 +110,8 @@ class Reranker:
         self.identity = local.get("identity") or {}
         self.matcher: Matcher = build_matcher(matcher, features=None if _detector_free(matcher) else self.features,
                                               weights=self.conf["weights"], device=self.conf["device"], **self.conf["matcher_conf"])
-        self.store = None if self.matcher.detector_free else LocalFeatureStore(index.folder / "local.h5", mode="r")
+        self.store = None if self.matcher.detector_free else (
+            index.open_local() if hasattr(index, "open_local") else LocalFeatureStore(index.folder / "local.h5", mode="r"))
         self._extractor = None
         self._cache: "OrderedDict[int, Any]" = OrderedDict()
         self._cache_bytes = 0
@@ -205,20 +206,37 @@ class Reranker:
         """The engine's call: re-order the ranked gallery rows ``ids`` of query ``entry`` (an ``Entry``)."""
         return self.rerank_item(self.query_item(entry), ids, top)
 
-    def query_images(self, paths: Sequence, top_k: int = 10, top: int = 100) -> List[Dict[str, Any]]:
-        """Like ``Index.query_images``, re-ranked; each verified result carries its ``inliers``."""
-        from ..data import decode_image
+    def query_images(self, paths: Sequence, top_k: int = 10, top: int = 100,
+                     failures: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+        """Like ``Index.query_images``, re-ranked; each verified result carries its ``inliers``.
 
+        ``failures``: as in ``Index.query_images`` (a list: unreadable queries are appended there as
+        ``{"path", "cause", "position"}`` and the others answered; None: the first one raises).
+        """
+        from ..data import decode_image
+        from ..errors import IndexMismatch
+
+        if int(top_k) < 1:
+            raise CbirError(f"top_k must be a positive number of results, got {top_k}")
         idx = self.index
         ext = idx.extractor
         out = []
-        for p in paths:
+        for pos, p in enumerate(paths):
             t0 = time.time()
-            _, vec = idx.describe_images([decode_image(p, max_side=ext.max_side)])
-            k = min(len(idx), max(int(top_k), int(top)))
-            s, ids = idx.search(vec, k)
+            try:
+                _, vec = idx.describe_images([decode_image(p, max_side=ext.max_side)])
+                k = min(len(idx), max(int(top_k), int(top)))
+                s, ids = idx.search(vec, k)
+                views = self._query_views(self._image(p))
+            except IndexMismatch:
+                raise
+            except CbirError as err:
+                if failures is None:
+                    raise
+                failures.append({"path": str(p), "cause": getattr(err, "cause", None) or str(err), "position": pos})
+                continue
             score_of = {int(i): float(v) for i, v in zip(ids[0], s[0]) if i >= 0}
-            new = self.rerank_item(self._query_views(self._image(p)), ids[0], top=top)
+            new = self.rerank_item(views, ids[0], top=top)
             results = []
             for r, i in enumerate([int(i) for i in new if i >= 0][: int(top_k)]):
                 row = idx.result(i, score_of[i], r + 1)

@@ -103,9 +103,22 @@ class LocalFeatureStore:
         self.path = Path(path)
         if mode == "r" and not self.path.is_file():
             raise CbirError(f"{self.path}: local features file not found (build the index with --local FEATURES)")
+        self._raw = self._safe = None
         try:
-            self._h5 = h5py.File(self.path, mode)
+            if mode == "r":
+                self._h5 = h5py.File(self.path, mode)
+            else:  # written through a file object that keeps disk errors (HDF5 crashed at exit after errno 28)
+                from ..index.store import _SafeFile, write_error
+
+                try:
+                    self._raw = open(self.path, "r+b" if self.path.is_file() else "w+b", buffering=0)
+                except OSError as e:
+                    raise write_error(self.path, e) from None
+                self._safe = _SafeFile(self._raw)
+                self._h5 = h5py.File(self._safe, "r+" if self.path.stat().st_size else "w")
         except OSError as e:
+            if self._raw is not None:
+                self._raw.close()
             raise CbirError(f"{self.path}: cannot open local features ({e})") from None
 
     @staticmethod
@@ -146,12 +159,27 @@ class LocalFeatureStore:
                     n += 1
         return n
 
+    def _check_written(self) -> None:
+        if self._safe is not None and self._safe.error is not None:
+            from ..index.store import write_error
+
+            raise write_error(self.path, self._safe.error, needed=self._safe.attempted)
+
     def flush(self) -> None:
         self._h5.flush()
+        if self._safe is not None:
+            self._safe.flush()
+        self._check_written()
 
     def close(self) -> None:
         if self._h5.id.valid:
             self._h5.close()
+        if self._raw is not None:
+            if self._safe.error is None:
+                self._safe.flush()
+            self._raw.close()
+            self._raw = None
+            self._check_written()
 
     def __enter__(self) -> "LocalFeatureStore":
         return self

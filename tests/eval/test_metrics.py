@@ -91,3 +91,27 @@ def test_accumulator_chunks_equal_one_pass():
     for k in s1:
         assert s1[k] == pytest.approx(s2[k])
     np.testing.assert_allclose(one.pr(), many.pr())
+
+
+def test_summary_is_none_not_nan_when_no_query_has_a_relevant_item():
+    import json
+
+    acc = MetricAccumulator(ks=(1, 5), with_ns=True)
+    acc.update(np.array([[0, 0], [0, 0]], bool), np.array([0, 0]))
+    s = acc.summary()
+    assert set(s) == {"precision@1", "precision@5", "ap@1", "ap@5", "map", "ns_score"}
+    assert all(v is None for v in s.values())
+    json.dumps(s, allow_nan=False)
+    assert (acc.n_queries(), acc.n_evaluated()) == (2, 0)
+    empty = MetricAccumulator(ks=(1,))
+    assert empty.summary() == {"precision@1": None, "ap@1": None, "map": None}
+    assert seed_scores(np.zeros((0, 10), bool)) == {"seed_mAP@1": None, "seed_mAP@5": None, "seed_mAP@10": None}
+
+
+def test_finite_or_none_and_bad_cutoffs():
+    from cbir.eval.metrics import finite_or_none
+
+    assert finite_or_none(float("nan")) is None and finite_or_none(np.inf) is None and finite_or_none(None) is None
+    assert finite_or_none(np.float32(0.5)) == 0.5
+    with pytest.raises(ValueError, match="positive"):
+        MetricAccumulator(ks=(0, 5))
