@@ -32,3 +32,75 @@ def textured(seed: int, h: int = 96, w: int = 128) -> np.ndarray:
         else:
             cv2.rectangle(img, (x, y), (x + int(rng.integers(5, 30)), y + int(rng.integers(5, 30))), c, -1)
     return img
+
+
+# ----------------------------------------------------------------------------- numeric parity
+#
+# Two computations of one quantity (torch vs onnxruntime, cbir vs the seed's Paddle code, batched vs one by one)
+# never agree bit for bit in float32: summation order differs with kernels, CPU features and thread counts. A bound
+# is therefore relative to the size of what is compared, and each call site says where its number comes from
+# (measured noise x margin, and how far a real bug - wrong normalisation, swapped channels - lands above it).
+
+
+def _f64(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensors
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def rel_diff(a, b, axis=None):
+    """``||a - b|| / ||b||`` in float64: over everything (``axis=None``, one number) or per row (``axis=-1``)."""
+    a, b = _f64(a), _f64(b)
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    num = np.linalg.norm((a - b).reshape(-1) if axis is None else a - b, axis=None if axis is None else axis)
+    den = np.linalg.norm(b.reshape(-1) if axis is None else b, axis=None if axis is None else axis)
+    return num / np.maximum(den, np.finfo(np.float64).tiny)
+
+
+def assert_close_rel(a, b, rel: float, what: str = "", axis=None) -> None:
+    """``||a - b|| <= rel * ||b||`` (L2; per row with ``axis=-1``, e.g. one descriptor per row)."""
+    r = np.atleast_1d(rel_diff(a, b, axis))
+    worst = int(np.argmax(r))
+    assert r[worst] <= rel, f"{what}: ||a-b||/||b|| = {r[worst]:.3g} > {rel:g}" + (f" (row {worst} of {len(r)})" if r.size > 1 else "")
+
+
+def assert_cosine(a, b, min_cos: float, what: str = "") -> None:
+    """Row-wise cosine similarity (float64) of ``a`` and ``b`` (N, D) at least ``min_cos``."""
+    a, b = np.atleast_2d(_f64(a)), np.atleast_2d(_f64(b))
+    assert a.shape == b.shape, f"{what}: shapes differ: {a.shape} vs {b.shape}"
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), np.finfo(np.float64).tiny)
+    worst = int(np.argmin(cos))
+    assert cos[worst] >= min_cos, f"{what}: cosine {cos[worst]:.9f} < {min_cos} (row {worst} of {len(cos)})"
+
+
+def assert_close_scaled(a, b, rel: float, what: str = "", scale=None) -> None:
+    """``max |a - b| <= rel * scale``, ``scale`` = ``max |b|`` unless given: for values whose size is their own unit
+    (logits, heatmaps, probabilities, pixel coordinates: pass the image side as ``scale``)."""
+    a, b = _f64(a), _f64(b)
+    assert a.shape == b.shape, f"{what}: shapes differ: {a.shape} vs {b.shape}"
+    if not a.size:
+        return
+    s = float(np.abs(b).max()) if scale is None else float(scale)
+    d = float(np.abs(a - b).max())
+    assert d <= rel * s, f"{what}: max |a-b| = {d:.3g} > {rel:g} x {s:.3g}"
+
+
+def assert_unit_rows(x, what: str = "", tol: float = 1e-5) -> None:
+    """Every row L2-normalised: ``| ||row|| - 1 | <= tol`` (float32 rounding of a D-term sum is ~sqrt(D) x 6e-8)."""
+    n = np.linalg.norm(np.atleast_2d(_f64(x)), axis=1)
+    assert n.size == 0 or np.abs(n - 1).max() <= tol, f"{what}: row norms in [{n.min():.7f}, {n.max():.7f}], not 1 +- {tol:g}"
+
+
+def load_test_module(relpath: str, name: str):
+    """Import ``tests/<relpath>`` as module ``name`` without touching ``sys.path`` (``sys.path.insert`` in one test
+    changes what ``import conftest`` means in every later one); cached in ``sys.modules`` under ``name``."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

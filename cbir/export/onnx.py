@@ -44,8 +44,8 @@ from ..registry import Registry
 
 #: opset of every export (grid_sample needs >= 16)
 OPSET = 17
-#: bump when a wrapper changes, so cached exports are rebuilt
-EXPORT_FORMAT = 1
+#: bump when a wrapper changes, so cached exports are rebuilt (2: float64 statistics for instance norms and pooling)
+EXPORT_FORMAT = 2
 
 #: model name -> factory(weights=None, conf=None, matcher_weights=None) -> ExportSpec
 MODELS: Registry = Registry("ONNX model")
@@ -201,9 +201,37 @@ def _loftr_get_fine_match(self, coords_normed, data):
     data.update({"mkpts0_f": data["mkpts0_c"], "mkpts1_f": mkpts1_f})
 
 
+def _instance_norm_forward(self, x):
+    """torch ``InstanceNorm{1,2,3}d`` with the mean and variance accumulated in float64 (the output stays float32).
+
+    onnxruntime's CPU ``InstanceNormalization`` and ``ReduceMean`` sum a large axis in float32 lane by lane; on images
+    with flat regions the rounding errors add up instead of cancelling (measured, onnxruntime 1.32: the mean of a
+    224x320 synthetic grey image off by 9.5e-5 relative, torch's by 1.3e-7; the same 320-wide rows first, then the 224
+    row means: 8e-7). XFeat's input norm and DISK's U-Net take such means over whole images: the pooled xfeat
+    descriptor of a synthetic image moved by 4.3e-4 of its norm (max abs 1.32e-4), DISK's local descriptors by up to
+    2.9e-4; with float64 sums 2.4e-6 and 6.5e-6, whatever the image size.
+    """
+    import torch
+
+    if self.track_running_stats and not self.training:  # running statistics: no reduction in the graph
+        return type(self).forward(self, x)
+    nd = {torch.nn.InstanceNorm1d: 1, torch.nn.InstanceNorm2d: 2, torch.nn.InstanceNorm3d: 3}[type(self)]
+    dims = tuple(range(x.dim() - nd, x.dim()))
+    xd = x.to(torch.float64)
+    mean = xd.mean(dims, keepdim=True)
+    var = (xd - mean).pow(2).mean(dims, keepdim=True)
+    y = (x - mean.to(x.dtype)) * torch.rsqrt(var + self.eps).to(x.dtype)
+    if self.affine:
+        shape = (-1,) + (1,) * nd
+        y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+    return y
+
+
 def _trace_safe_forwards():
     """``{kornia class: trace-safe forward}`` (or ``{class: {method: function}}``) for the classes of this kornia."""
-    out = {}
+    import torch
+
+    out = {cls: _instance_norm_forward for cls in (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)}
     try:
         from kornia.feature.aliked.aliked import DeformableConv2d
 
@@ -276,11 +304,31 @@ def _nn():
     return nn
 
 
+def _pool_f64(x, method: str, p: float):
+    """:func:`cbir.extractors.pooled.pool_map` (unweighted) with the spatial mean taken in float64; returns float64.
+
+    onnxruntime's float32 ``ReduceMean`` over a large map (ALIKED's block1 is full resolution) drifts by up to ~1e-4
+    relative (see :func:`_instance_norm_forward`). ReLU and the clamp stay in float32: onnxruntime 1.32's Relu+Clip
+    fusion rejects a float64 Clip ("Unexpected data type for Clip 'min' input of 11"). The parity tests compare this
+    with pool_map: keep the two in step (gem's eps is 1e-6).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if method == "gem":
+        return F.relu(x).clamp(min=1e-6).to(torch.float64).pow(p).mean((-2, -1)).pow(1.0 / p)
+    if method == "gap":
+        return x.to(torch.float64).mean((-2, -1))
+    if method == "max":
+        return x.amax((-2, -1)).to(torch.float64)
+    raise CbirError(f"pooled export: unknown pool {method!r}")
+
+
 def pooled_graph(ext):
     """The whole ``pooled`` descriptor of extractor ``ext`` as a module: image ``(B, 3, H, W)`` -> ``(B, D)``."""
     import torch
 
-    from ..extractors.pooled import l2n_t, pool_map
+    from ..extractors.pooled import l2n_t
 
     nn = _nn()
     if ext.conf.get("weighting"):
@@ -295,8 +343,8 @@ def pooled_graph(ext):
 
         def forward(self, image):
             maps = self.backbone(image)
-            parts = [l2n_t(pool_map(maps[s], self.pool, self.p)) for s in self.stages]
-            return l2n_t(torch.cat(parts, 1))
+            parts = [l2n_t(_pool_f64(maps[s], self.pool, self.p)) for s in self.stages]
+            return l2n_t(torch.cat(parts, 1)).to(torch.float32)
 
     return PooledGraph().eval()
 
@@ -530,7 +578,7 @@ def pooled_spec(ext, name: Optional[str] = None) -> ExportSpec:
 def pooled_identity(ext) -> Dict[str, Any]:
     c = ext.conf
     return {"model": "pooled", "backbone": c["backbone"], "stages": list(ext.stages), "pool": c["pool"], "p": float(c["p"]),
-            "weights": ext.weights()}
+            "backbone_conf": c.get("backbone_conf") or None, "weights": ext.weights()}
 
 
 def _local_spec(name: str, module, identity: Dict[str, Any], outputs: List[str], out_axes: Dict[str, Dict[int, str]], outside: str,
@@ -572,11 +620,20 @@ def disk_spec(ext) -> ExportSpec:
                        "keypoints: kornia's heatmap_to_keypoints (NMS window, threshold, top-k); descriptors read at the keypoints")
 
 
+def lightglue_identity(matcher) -> Dict[str, Any]:
+    """What decides LightGlue's fixed graph: the architecture (widths, depth, heads), the filter threshold, the weights."""
+    from ..weights import file_sha256
+
+    c = matcher.net.conf
+    arch = {k: getattr(c, k) for k in ("input_dim", "descriptor_dim", "n_layers", "num_heads", "add_scale_ori", "add_laf", "scale_coef")
+            if hasattr(c, k)}
+    return {"model": matcher.name, "features": matcher.features, "filter_threshold": float(c.filter_threshold), "arch": arch,
+            "weights": file_sha256(matcher.weights_path)}
+
+
 def lightglue_spec(matcher) -> ExportSpec:
     """Spec of a built LightGlue / LighterGlue matcher of :mod:`cbir.local.lightglue`."""
     import torch
-
-    from ..weights import file_sha256
 
     d = int(matcher.net.conf.input_dim)
 
@@ -588,8 +645,7 @@ def lightglue_spec(matcher) -> ExportSpec:
         d1 = torch.nn.functional.normalize(d0[:, torch.randint(0, m, (n,), generator=g)] + 0.3 * torch.randn(1, n, d, generator=g), dim=-1)
         return k0, k1, d0, d1, torch.tensor([[320.0, 240.0]]), torch.tensor([[300.0, 260.0]])
 
-    ident = {"model": matcher.name, "features": matcher.features, "filter_threshold": float(matcher.net.conf.filter_threshold),
-             "weights": file_sha256(matcher.weights_path)}
+    ident = lightglue_identity(matcher)
     return ExportSpec(
         name=matcher.name, module=lightglue_graph(matcher.net), args=pair(200, 180, 0),
         input_names=["kpts0", "kpts1", "desc0", "desc1", "size0", "size1"], output_names=["matches", "scores"],
@@ -620,6 +676,15 @@ def _blocks_image(h: int, w: int, seed: int = 0):
         hh, ww = (int(v) for v in torch.randint(6, 40, (2,), generator=g))
         x[..., y0 : y0 + hh, x0 : x0 + ww] = float(torch.rand(1, generator=g))
     return x
+
+
+def loftr_identity(net, variant: str, match_threshold: float, border_rm: int, weights_path) -> Dict[str, Any]:
+    """What decides LoFTR's graph: the options baked in, ``temp_bug_fix`` (build_loftr derives it from the variant and
+    the file name, not the file's content) and the weights."""
+    from ..weights import file_sha256
+
+    return {"model": "loftr", "conf": {"variant": variant, "match_threshold": float(match_threshold), "border_rm": int(border_rm)},
+            "temp_bug_fix": bool(net.config["coarse"]["temp_bug_fix"]), "weights": file_sha256(weights_path)}
 
 
 def loftr_spec(matcher_net, identity: Dict[str, Any]) -> ExportSpec:
@@ -709,11 +774,13 @@ def _spsg_factory(weights=None, conf=None, matcher_weights=None) -> ExportSpec:
 
 def _loftr_factory(weights=None, conf=None, matcher_weights=None) -> ExportSpec:
     from ..local.loftr import build_loftr
-    from ..weights import file_sha256
 
     conf = {"variant": "outdoor", "match_threshold": 0.2, "border_rm": 2, **(conf or {})}
+    unknown = sorted(set(conf) - {"variant", "match_threshold", "border_rm"})
+    if unknown:
+        raise CbirError(f"loftr export: unknown option(s) {unknown}; accepted: border_rm, match_threshold, variant")
     net, path = build_loftr(matcher_weights or weights, conf["variant"], conf["match_threshold"], conf["border_rm"])
-    return loftr_spec(net, {"model": "loftr", "conf": conf, "weights": file_sha256(path)})
+    return loftr_spec(net, loftr_identity(net, conf["variant"], conf["match_threshold"], conf["border_rm"], path))
 
 
 def _register() -> None:
@@ -802,7 +869,9 @@ def _write_metadata(path: str, spec: ExportSpec, opset: int) -> None:
 
 
 def check_onnx(spec: ExportSpec, path, threads: int = 0) -> Dict[str, Any]:
-    """Run the exported graph and the torch module on the spec's inputs; max abs difference per output.
+    """Run the exported graph and the torch module on the spec's inputs; per output the max abs difference and the
+    relative one, ``||onnx - torch|| / ||torch||`` (L2 over the whole output: a scale-free number to compare with a
+    tolerance, whatever the output's units).
 
     Outputs whose lengths differ (a keypoint or match count) are reported as counts instead.
     """
@@ -812,7 +881,7 @@ def check_onnx(spec: ExportSpec, path, threads: int = 0) -> Dict[str, Any]:
     from .runtime import Session
 
     sess = Session(path, threads=threads)
-    report: Dict[str, Any] = {"inputs": [], "max_abs_diff": 0.0, "same_shapes": True}
+    report: Dict[str, Any] = {"inputs": [], "max_abs_diff": 0.0, "max_rel_diff": 0.0, "same_shapes": True}
     for args in [spec.args] + list(spec.check_args):
         with torch.inference_mode():
             ref = spec.module(*args)
@@ -825,9 +894,13 @@ def check_onnx(spec: ExportSpec, path, threads: int = 0) -> Dict[str, Any]:
                 row["outputs"][name] = {"torch_shape": list(r.shape), "onnx_shape": list(g.shape)}
                 report["same_shapes"] = False
                 continue
-            d = float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max()) if r.size else 0.0
-            row["outputs"][name] = {"shape": list(g.shape), "max_abs_diff": d}
+            r64, g64 = r.astype(np.float64), g.astype(np.float64)
+            d = float(np.abs(r64 - g64).max()) if r.size else 0.0
+            ref = float(np.linalg.norm(r64))
+            rel = float(np.linalg.norm(r64 - g64)) / ref if ref > 0 else (0.0 if d == 0 else float("inf"))
+            row["outputs"][name] = {"shape": list(g.shape), "max_abs_diff": d, "rel_diff": rel}
             report["max_abs_diff"] = max(report["max_abs_diff"], d)
+            report["max_rel_diff"] = max(report["max_rel_diff"], rel)
         report["inputs"].append(row)
     return report
 

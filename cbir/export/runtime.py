@@ -16,6 +16,7 @@ The runners below run a graph and do, in torch with kornia's own code, what the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -116,7 +117,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CBIR_ONNX_CACHE") or "~/.cache/cbir/onnx").expanduser()
 
 
+#: cbir's source files whose code is traced into the graphs (wrappers, backbones, pooling); their bytes are in the key
+_TRACED_SOURCES = ("export/onnx.py", "extractors/pooled.py", "models/*.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 of the sources in :data:`_TRACED_SOURCES`: an edited wrapper or backbone is a new key even when nobody
+    bumped ``EXPORT_FORMAT`` or the version (a stale export would otherwise be reused from the cache)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pattern in _TRACED_SOURCES:
+        for f in sorted(root.glob(pattern)):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cache_key(identity: Dict[str, Any]) -> str:
+    """Key of an export: the model identity (every option baked into the graph, weight checksums), the opset, the
+    versions of cbir, torch (the exporter) and kornia (the architectures), and :func:`code_fingerprint`."""
     import kornia
     import torch
 
@@ -124,7 +143,7 @@ def cache_key(identity: Dict[str, Any]) -> str:
     from .onnx import EXPORT_FORMAT, OPSET
 
     full = {"identity": identity, "format": EXPORT_FORMAT, "opset": OPSET, "cbir": __version__, "torch": torch.__version__,
-            "kornia": kornia.__version__}
+            "kornia": kornia.__version__, "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -248,12 +267,9 @@ def disk_detect(ext, x, n: Optional[int], window_size: int, score_threshold: flo
 
 def lightglue_match(matcher, data: Dict[str, Dict[str, Any]]):
     """``(matches (K, 2) int64, scores (K,))`` of LightGlue's fixed graph (no adaptive depth or width)."""
-    from .onnx import lightglue_spec
-    from ..weights import file_sha256
+    from .onnx import lightglue_identity, lightglue_spec
 
-    ident = {"model": matcher.name, "features": matcher.features, "filter_threshold": float(matcher.net.conf.filter_threshold),
-             "weights": file_sha256(matcher.weights_path)}
-    sess = cached_session(ident, lambda: lightglue_spec(matcher))
+    sess = cached_session(lightglue_identity(matcher), lambda: lightglue_spec(matcher))
     d0, d1 = data["image0"], data["image1"]
     m, s = sess.run({"kpts0": d0["keypoints"], "kpts1": d1["keypoints"], "desc0": d0["descriptors"], "desc1": d1["descriptors"],
                      "size0": d0["image_size"], "size1": d1["image_size"]})
@@ -262,12 +278,10 @@ def lightglue_match(matcher, data: Dict[str, Dict[str, Any]]):
 
 def loftr_match(matcher, image0, image1) -> Dict[str, np.ndarray]:
     """kornia LoFTR's ``keypoints0``, ``keypoints1``, ``confidence`` of grey ``(1, 1, H, W)`` tensors, from onnxruntime."""
-    from .onnx import loftr_spec
-    from ..weights import file_sha256
+    from .onnx import loftr_identity, loftr_spec
 
     c = matcher.conf
-    ident = {"model": "loftr", "conf": {"variant": c["variant"], "match_threshold": float(c["match_threshold"]), "border_rm": int(c["border_rm"])},
-             "weights": file_sha256(matcher.weights_path)}
+    ident = loftr_identity(matcher.net, c["variant"], c["match_threshold"], c["border_rm"], matcher.weights_path)
     sess = cached_session(ident, lambda: loftr_spec(matcher.net, ident))
     k0, k1, conf = sess.run({"image0": image0, "image1": image1})
     return {"keypoints0": k0, "keypoints1": k1, "confidence": conf}

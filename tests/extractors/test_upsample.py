@@ -5,6 +5,8 @@ import pytest
 import torch
 from skimage.transform import rescale
 
+from helpers import assert_close_rel
+
 from cbir.extractors.upsample import (
     BilinearUpsample,
     bilinear_kernel_size,
@@ -86,9 +88,10 @@ def test_upsample_bilinear_functional_and_variants_agree():
             full = BilinearUpsample(4, factor, depthwise=False)(x)
             dw = BilinearUpsample(4, factor)(x)
             unbatched = BilinearUpsample(4, factor)(x[0])
-        torch.testing.assert_close(full, ref)
-        torch.testing.assert_close(dw, ref)
-        torch.testing.assert_close(unbatched, ref[0])
+        # float32, one transposed convolution three ways (full / depthwise / unbatched): a few reordered float32 sums (measured <= 4.2e-8)
+        assert_close_rel(full, ref, 1e-6, f"full conv x{factor}")
+        assert_close_rel(dw, ref, 1e-6, f"depthwise x{factor}")
+        assert_close_rel(unbatched, ref[0], 1e-6, f"unbatched x{factor}")
     assert BilinearUpsample(4, 3, depthwise=False).weight.shape == (4, 4, 5, 5)
     assert BilinearUpsample(4, 3).weight.shape == (4, 1, 5, 5)
 

@@ -14,9 +14,10 @@ def test_optimal_transport_marginals():
     log_p = log_optimal_transport(torch.randn(2, m, n), torch.tensor(0.5), iters=200)
     p = log_p.exp()
     assert p.shape == (2, m + 1, n + 1)
-    torch.testing.assert_close(p[:, :m].sum(2), torch.ones(2, m), atol=1e-4, rtol=0)
-    torch.testing.assert_close(p[:, :, :n].sum(1), torch.ones(2, n), atol=1e-4, rtol=0)
-    torch.testing.assert_close(p[:, m].sum(1), torch.full((2,), float(n)), atol=1e-3, rtol=0)
+    # Sinkhorn after 200 iterations: each marginal within 1e-4 of its target (rows 1, the dustbin row n), relative
+    torch.testing.assert_close(p[:, :m].sum(2), torch.ones(2, m), rtol=1e-4, atol=0)
+    torch.testing.assert_close(p[:, :, :n].sum(1), torch.ones(2, n), rtol=1e-4, atol=0)
+    torch.testing.assert_close(p[:, m].sum(1), torch.full((2,), float(n)), rtol=1e-4, atol=0)
 
 
 def test_mutual_matches_threshold():
