@@ -105,7 +105,7 @@ def cmd_index_build(a) -> int:
     name, conf = _extractor_from_args(a)
     entries, ds, label_names = _entries(a)
     rep = build_index(entries, a.out, extractor=name, conf=conf, roots=[a.root] if getattr(a, "root", None) else [], strict=a.strict, batch_size=a.batch_size, workers=a.workers,
-                      ann=a.ann, progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local)
+                      ann=a.ann, search=_search_opts(a), progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local)
     m = rep.manifest
     summary = {
         "index": str(rep.out), "extractor": name, "images": rep.count, "failed": len(rep.failures),
@@ -122,6 +122,87 @@ def cmd_index_build(a) -> int:
             for f in rep.failures:
                 print(f"  {tty_safe(f['path'])}: {tty_safe(f['cause'])}")
     return 0
+
+
+def _bytes(text: str) -> int:
+    """``4G``, ``512M``, ``100k`` or a plain number of bytes."""
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        v = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4G, 512M or 100000, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(v)
+
+
+def _add_search_structure(b: argparse.ArgumentParser) -> None:
+    g = b.add_argument_group("search structure (faiss)")
+    g.add_argument("--ann", choices=["auto", "flat", "hnsw", "ivf"], default="auto",
+                   help="exact scan (flat), HNSW graph (cosine), or inverted lists (ivf, also for Hamming codes); auto (default): "
+                        "flat under 50,000 images, else IVF with PCA to 256-d and PQ codes sized to --memory-budget")
+    g.add_argument("--dim", type=positive_int, metavar="D", help="project float descriptors to D dimensions by PCA learned on the gallery, then "
+                   "re-normalise (e.g. 256 with --codec pq)")
+    g.add_argument("--whiten", type=float, metavar="POWER", help="with --dim: whiten the PCA by eigenvalue^(-POWER/2): 0 = none (default; "
+                   "best measured on corel1k), 0.5 = shrunk, 1 = full")
+    g.add_argument("--codec", choices=["float32", "float16", "pq"], help="how float vectors are stored: float32 (default), float16, or "
+                   "product-quantised codes of --code-bytes bytes")
+    g.add_argument("--code-bytes", type=positive_int, metavar="N", help="bytes per image of --codec pq (must divide the dimension, e.g. 64)")
+    g.add_argument("--nlist", type=positive_int, metavar="N", help="inverted lists of --ann ivf (default ~4 sqrt(images))")
+    g.add_argument("--memory-budget", type=_bytes, metavar="SIZE", help="RAM for the search structure with --ann auto (e.g. 1G): picks the PQ code size")
+
+
+def _search_opts(a) -> Dict[str, Any]:
+    out = {"dim": a.dim, "whiten_power": a.whiten, "codec": a.codec, "code_bytes": a.code_bytes, "nlist": a.nlist,
+           "memory_budget": a.memory_budget}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _add_search_params(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("approximate search")
+    g.add_argument("--nprobe", type=positive_int, metavar="N", help="IVF indexes: inverted lists visited per query (default: the index's, 16)")
+    g.add_argument("--ef", type=positive_int, metavar="N", help="HNSW indexes: candidates kept per query (default: the index's, 128)")
+
+
+def _update_summary(a, rep, verb: str) -> int:
+    d = {"index": str(rep.index), "count": rep.count, "added": rep.added, "removed": rep.removed, "skipped": rep.skipped,
+         "failures": rep.failures, "seconds": rep.seconds}
+    if a.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(tty_safe(f"index {rep.index}: {verb}, now {rep.count} images ({rep.seconds:.1f} s)"))
+        for f in rep.failures:
+            print(f"  skipped {tty_safe(f['path'])}: {tty_safe(f['cause'])}")
+    return 0
+
+
+def cmd_index_add(a) -> int:
+    from .engine import add_images
+
+    entries, _, _ = _entries(a)
+    rep = add_images(a.index, entries, strict=a.strict, batch_size=a.batch_size, workers=a.workers, progress=not a.quiet)
+    return _update_summary(a, rep, f"{rep.added} added, {len(rep.skipped)} already there, {len(rep.failures)} unreadable")
+
+
+def cmd_index_remove(a) -> int:
+    from .data import read_file_list
+    from .engine import remove_images
+
+    names = list(a.names)
+    if a.list:
+        names += [e.name for e in read_file_list(a.list)]
+    if not names:
+        raise CbirError("name the images to remove: NAME... or --list FILE (names as listed at build)")
+    rep = remove_images(a.index, names)
+    return _update_summary(a, rep, f"{rep.removed} removed, {len(rep.skipped)} not found")
+
+
+def cmd_index_compact(a) -> int:
+    from .engine import compact_index
+
+    rep = compact_index(a.index)
+    return _update_summary(a, rep, f"search structure rebuilt ({rep.removed} tombstone(s) dropped)")
 
 
 def cmd_index_verify(a) -> int:
@@ -142,17 +223,23 @@ def cmd_index_verify(a) -> int:
 
 
 def cmd_index_info(a) -> int:
-    from .index.store import read_manifest
+    from .index.store import index_summary, read_manifest
 
     m = read_manifest(a.index)
+    info = index_summary(m, a.index)
     if a.json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps({**info, "manifest": m}, indent=2))
     else:
         e = m["extractor"]
-        print(tty_safe(f"{a.index}: {m['count']} images, {m['kind']} {m['dim']}-d, metric {m['metric']} ({m['ann']}), created {m['created']}"))
+        print(tty_safe(f"{a.index}: {m['count']} images, {m['kind']} {m['dim']}-d, metric {m['metric']}, created {m['created']}"))
+        sp = m.get("search") or {}
+        print(f"search: {info['ann']}, codec {info['codec']}" + (f", PCA-whitened to {sp['dim']}-d" if sp.get("dim") else "")
+              + (f", {sp['code_bytes']}-byte PQ codes" if sp.get("code_bytes") else "") + (f", {sp['nlist']} lists" if sp.get("nlist") else "")
+              + f"; {info['bytes_per_image']:.0f} bytes per image")
         print(f"extractor {tty_safe(e['name'])}: {json.dumps(e['conf'])}")
         for k, v in (e.get("weights") or {}).items():
             print(f"  weights {tty_safe(k)}: sha256 {tty_safe(str(v)[:16])}...")
+        print("files: " + ", ".join(f"{tty_safe(k)} {v / 1e6:.2f} MB" for k, v in info["file_bytes"].items()))
         print(f"labels: {len(m['labels'])}; failures at build: {len(m['failures'])}; local features: {(m.get('local') or {}).get('name')}")
     return 0
 
@@ -162,14 +249,19 @@ def cmd_query(a) -> int:
 
     idx = load_index(a.index)
     idx.check_extractor(a.extractor)
+    idx.set_search(nprobe=a.nprobe, ef=a.ef)
     # an unreadable query is one failure entry, not the end of the others' results
     failures: List[Dict[str, Any]] = []
+    expand = _expand_conf(a)
     if a.rerank:
+        if expand:
+            raise CbirError("cbir query: --rerank and query expansion (--expand, --qe-k, --dba-k) cannot be combined yet; "
+                            "use one (cbir eval combines them)")
         from .local.rerank import Reranker
 
         res = Reranker(idx, a.rerank, conf=_rerank_conf(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top, failures=failures)
     else:
-        res = idx.query_images(a.images, top_k=a.top_k, failures=failures)
+        res = idx.query_images(a.images, top_k=a.top_k, failures=failures, expand=expand)
     if not res:
         if len(failures) == 1:
             raise CbirError(f"{failures[0]['path']}: {failures[0]['cause']}")
@@ -222,6 +314,33 @@ def _add_rerank(p: argparse.ArgumentParser) -> None:
     _add_runtime(g)
 
 
+def _expand_conf(a) -> Optional[Dict[str, Any]]:
+    """``expand`` for the engine from --expand / --qe-k / --qe-alpha / --dba-k (None: off)."""
+    from .index.expansion import DEFAULT_ALPHA, DEFAULT_QE_K
+
+    qe_k, dba_k = getattr(a, "qe_k", None), getattr(a, "dba_k", None)
+    if qe_k is None and getattr(a, "expand", False):
+        qe_k = DEFAULT_QE_K
+    if not qe_k and not dba_k:
+        if getattr(a, "qe_alpha", None) is not None:
+            raise CbirError("--qe-alpha needs --expand, --qe-k or --dba-k")
+        return None
+    alpha = a.qe_alpha if getattr(a, "qe_alpha", None) is not None else DEFAULT_ALPHA
+    return {"qe_k": qe_k or 0, "alpha": alpha, "dba_k": dba_k or 0}
+
+
+def _add_expand(p: argparse.ArgumentParser) -> None:
+    from .index.expansion import DEFAULT_ALPHA, DEFAULT_QE_K
+
+    g = p.add_argument_group("query expansion (cosine indexes; Radenovic et al. 2018; see README)")
+    g.add_argument("--expand", action="store_true", help=f"alpha-QE: search again with the query averaged with its top --qe-k "
+                   f"results, weighted by similarity^alpha (default k {DEFAULT_QE_K}, alpha {DEFAULT_ALPHA:g}; off by default)")
+    g.add_argument("--qe-k", type=positive_int, metavar="K", help="results averaged into the query (implies --expand)")
+    g.add_argument("--qe-alpha", type=float, metavar="A", help=f"similarity exponent of alpha-QE and DBA weights (default {DEFAULT_ALPHA:g})")
+    g.add_argument("--dba-k", type=positive_int, metavar="K", help="database-side augmentation: each gallery vector averaged with its "
+                   "top K neighbours the same way, once per run, before searching (leave-one-out queries stay out of it)")
+
+
 def _add_runtime(g) -> None:
     g.add_argument("--runtime", choices=["torch", "onnx"], help="run the networks in torch (default; $CBIR_RUNTIME) or in onnxruntime "
                    "(pip install 'cbir[onnx]'; models exported once to $CBIR_ONNX_CACHE); same descriptors and indexes either way")
@@ -257,13 +376,14 @@ def cmd_eval(a) -> int:
 
     if a.list:  # --list is accepted as a synonym of --queries
         a.queries = a.list
-    if a.extractor:
-        from .engine import load_index
+    from .engine import load_index
 
-        load_index(a.index).check_extractor(a.extractor)
-    rep = evaluate(a.index, dataset=a.dataset, split=a.split, queries=a.queries, root=a.root, ks=a.k, rerank=a.rerank,
+    idx = load_index(a.index)
+    idx.check_extractor(a.extractor)
+    idx.set_search(nprobe=a.nprobe, ef=a.ef)
+    rep = evaluate(idx, dataset=a.dataset, split=a.split, queries=a.queries, root=a.root, ks=a.k, rerank=a.rerank,
                    rerank_top=a.rerank_top, rerank_conf=_rerank_conf(a), max_rank=a.max_rank, datasets_yaml=a.datasets, progress=not a.quiet,
-                   workers=a.workers, plot=a.plot)
+                   workers=a.workers, plot=a.plot, expand=_expand_conf(a))
     _print_eval(rep, a.k)
     if a.json:
         from .index.store import write_json_atomic
@@ -310,6 +430,9 @@ def _print_eval(rep: Dict[str, Any], ks) -> None:
     if "rerank" in s:
         line += f", rerank {s['rerank']} ({s['rerank_s_per_query']} s/query)"
     print(line)
+    if rep.get("expand"):
+        x = rep["expand"]
+        print(f"  expansion: alpha-QE k={x['qe_k']}, DBA k={x['dba_k']}, alpha={x['alpha']:g}")
 
 
 def cmd_train(a) -> int:
@@ -374,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extractor(b, "global descriptor")
     b.add_argument("--out", required=True, metavar="DIR", help="index folder to write (replaced as a whole when complete)")
     b.add_argument("--strict", action="store_true", help="stop at the first unreadable image and write no index")
-    b.add_argument("--ann", choices=["flat", "hnsw"], default="flat", help="cosine index: exact (flat) or approximate HNSW (default: %(default)s)")
+    _add_search_structure(b)
     b.add_argument("--local", metavar="FEATURES", help="also store local features for re-ranking (local.h5): xfeat, aliked, disk, sift, rootsift")
     b.add_argument("--batch-size", type=positive_int, default=16, help="images per network batch; bounds memory (default: %(default)s)")
     b.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s; 0: decode in the main thread)")
@@ -386,6 +509,32 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--json", action="store_true", help="print the whole manifest")
     _add_common(inf)
     inf.set_defaults(func=cmd_index_info)
+    ad = isub.add_parser("add", help="extract new images and append them to an index",
+                         description="Extract only the images of a list or dataset that the index does not hold yet (by name), with the "
+                                     "index's own extractor and learned state, and append them under new ids. Atomic like a build.")
+    ad.add_argument("--index", required=True, metavar="DIR")
+    _add_source(ad)
+    ad.add_argument("--strict", action="store_true", help="stop at the first unreadable image and add nothing")
+    ad.add_argument("--batch-size", type=positive_int, default=16, help="images per network batch (default: %(default)s)")
+    ad.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s)")
+    ad.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_common(ad)
+    ad.set_defaults(func=cmd_index_add)
+    rm = isub.add_parser("remove", help="remove images from an index by name",
+                         description="Remove gallery images by name (as written in the list at build). Atomic; ids are never reused.")
+    rm.add_argument("--index", required=True, metavar="DIR")
+    rm.add_argument("names", nargs="*", metavar="NAME", help="gallery names to remove")
+    rm.add_argument("--list", metavar="FILE", help="a list whose names (first column) are removed")
+    rm.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_common(rm)
+    rm.set_defaults(func=cmd_index_remove)
+    cp = isub.add_parser("compact", help="rebuild an index's search structure from its stored vectors",
+                         description="Rebuild the faiss structure from the stored descriptors: drops HNSW tombstones left by removals "
+                                     "and retrains PCA, PQ codebooks and IVF lists on the current gallery.")
+    cp.add_argument("index", metavar="DIR")
+    cp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_common(cp)
+    cp.set_defaults(func=cmd_index_compact)
     ver = isub.add_parser("verify", help="check every file of an index against its manifest's checksums",
                           description="Check every file of an index folder against the sizes and SHA-256 sums recorded in its manifest, "
                                       "then open it as a query would. Exit status 2 names the first damaged file.")
@@ -405,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "still printed); without it unreadable queries are reported (stderr, and 'failures' in --json) and the exit "
                    "status is 2 only when none could be answered")
     q.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
+    _add_expand(q)
     _add_rerank(q)
+    _add_search_params(q)
     _add_common(q)
     q.set_defaults(func=cmd_query)
 
@@ -419,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="PATH", help="write the report as JSON")
     e.add_argument("--plot", metavar="PNG", help="draw the precision-recall curve")
     e.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
+    _add_expand(e)
     _add_rerank(e)
+    _add_search_params(e)
     e.add_argument("--max-rank", type=positive_int, help="rank only this many results per query (mAP then counts relevant items beyond as misses)")
     e.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s; 0: decode in the main thread)")
     _add_common(e)
@@ -483,6 +636,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: work done so far is kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cbir ... | head`: the reader left; no traceback
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 1
     finally:
         rt._DEFAULT = before  # main() called in-process (tests, notebooks) leaves the process default as it was
         data.set_limits(**limits)

@@ -24,6 +24,7 @@ from .errors import CbirError, DecodeError, IndexMismatch
 from .extractors import DEFAULT_EXTRACTOR
 from .extractors.base import Extractor, make_extractor
 from .index import store
+from .index.backend import FaissBackend, SearchSpec, auto_spec
 from .index.faiss_index import CosineIndex, HammingIndex
 
 PathLike = Union[str, os.PathLike]
@@ -161,7 +162,8 @@ def _build_locked(
     strict: bool = False,
     batch_size: int = 16,
     workers: int = 2,
-    ann: str = "flat",
+    ann: str = "auto",
+    search: Optional[Dict[str, Any]] = None,
     progress: bool = True,
     dataset: Optional[Dict[str, Any]] = None,
     label_names: Optional[Dict[str, str]] = None,
@@ -413,16 +415,17 @@ def _build_locked(
     # features.h5 + the faiss file (a flat index holds one more copy of the vectors), before writing a byte
     need = final.size * 4 + sum(v.nbytes for v in extra.values()) + (codes.nbytes if codes is not None else final.size * 4)
     store.check_space(commit, need + 200 * len(names) + (1 << 20), "the index")
+    extra["ids"] = np.arange(len(names), dtype=np.int64)
     store.write_features(commit / store.FEATURES, store.Rows(names, paths, labels, sizes, mtimes, final.astype(np.float32)), extra)
-    if codes is not None:
-        index = HammingIndex(codes.shape[1] * 8)
-        index.add(codes)
-        metric = "hamming"
-    else:
-        index = CosineIndex(final.shape[1], ann=ann)
-        index.add(final)
-        metric = "cosine"
-    index.save(commit / store.FAISS_FILES[metric])
+    metric = "hamming" if codes is not None else "cosine"
+    vectors = codes if codes is not None else final
+    spec = auto_spec(metric, codes.shape[1] * 8 if codes is not None else final.shape[1], len(names), ann=ann, **(search or {}))
+    backend = FaissBackend(spec)
+    backend.train(vectors[_fit_rows(len(vectors), spec)])
+    ids = np.arange(len(names), dtype=np.int64)
+    for a in range(0, len(ids), 65536):
+        backend.add(ids[a : a + 65536], vectors[a : a + 65536])
+    backend.save(commit / store.FAISS_FILES[metric])
     st = ext.state()
     if st:
         save_state(commit / STATE_FILE, st)
@@ -443,7 +446,9 @@ def _build_locked(
         "code_bits": int(ext.code_bits) if ext.binary else None,
         "metric": metric,
         "faiss": store.FAISS_FILES[metric],
-        "ann": ann if metric == "cosine" else "flat",
+        "ann": spec.ann,
+        "search": spec.to_json(),
+        "next_id": len(names),
         "count": len(names),
         "dataset": dataset or {},
         "labels": uniq,
@@ -457,6 +462,13 @@ def _build_locked(
     store.commit_folder(commit, out)
     shutil.rmtree(work, ignore_errors=True)
     return BuildReport(out=out, count=len(names), failures=failures, reused=reused, extracted=extracted, seconds=seconds, manifest=manifest)
+
+
+def _fit_rows(n: int, spec: SearchSpec, cap: int = 200_000) -> np.ndarray:
+    """Rows a search structure is trained on: all of a small gallery, else a seeded sample (PCA, PQ, IVF centroids)."""
+    if not (spec.dim or spec.codec == "pq" or spec.ann == "ivf") or n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
 
 
 def _put_local(writer, local_ext, e: Entry, img: np.ndarray, pb) -> None:
@@ -505,7 +517,7 @@ def _extract_singly(ext, item, failures, strict, pb, exc):
 class Index:
     """A built index folder: manifest, row metadata, descriptors, the faiss index and the extractor."""
 
-    def __init__(self, folder: PathLike, verify: bool = True) -> None:
+    def __init__(self, folder: PathLike, verify: bool = True, mmap: bool = False) -> None:
         """Open ``folder``; every file is checked against the manifest's size and SHA-256 first (``verify``),
         so a damaged index is a one-line error naming the file, never silently wrong rankings."""
         self.folder = Path(folder)
@@ -524,7 +536,13 @@ class Index:
         self.labels: np.ndarray = np.array([l if l != "" else None for l in rows["labels"]], dtype=object)
         self.descriptors: np.ndarray = rows["descriptors"]
         self.codes: Optional[np.ndarray] = rows.get("codes")
-        if self.metric == "hamming":
+        self.ids: np.ndarray = np.asarray(rows["ids"], np.int64) if "ids" in rows else np.arange(n, dtype=np.int64)
+        if len(self.ids) != n or (n > 1 and not (np.diff(self.ids) > 0).all()):
+            raise store.damaged(self.folder, store.FEATURES, "image ids are not one increasing id per row", m)
+        if "search" in m:
+            spec = SearchSpec.from_json(m["search"])
+            self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: FaissBackend.open(p, spec, mmap=mmap), verify)
+        elif self.metric == "hamming":  # an index written before ids and codecs (flat, row = id)
             self.index = store.open_checked(self.folder, m["faiss"], m, HammingIndex.load, verify)
         else:
             self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: CosineIndex.load(p, ann=m["ann"]), verify)
@@ -607,22 +625,43 @@ class Index:
         return final, (ext.encode(final) if self.metric == "hamming" else final)
 
     def search(self, vectors: np.ndarray, k: int, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-        return self.index.search(vectors, k, exclude=exclude)
+        """Top-``k`` gallery rows per query (``-1`` where fewer), best first; ``exclude[i]``: a row left out of query i."""
+        ex = None
+        if exclude is not None:
+            exclude = np.asarray(exclude)
+            ex = np.where(exclude >= 0, self.ids[np.maximum(exclude, 0)], -1)
+        scores, ids = self.index.search(vectors, k, exclude=ex)
+        if len(self.ids) == 0:
+            return scores, np.full_like(ids, -1)
+        rows = np.searchsorted(self.ids, np.maximum(ids, 0))
+        rows = np.minimum(rows, len(self.ids) - 1)
+        return scores, np.where((ids >= 0) & (self.ids[rows] == ids), rows, -1)
+
+    def set_search(self, nprobe: Optional[int] = None, ef: Optional[int] = None) -> None:
+        """Query-time recall/speed of an IVF (``nprobe``) or HNSW (``ef``) index."""
+        if hasattr(self.index, "set_search"):
+            self.index.set_search(nprobe=nprobe, ef=ef)
 
     def query_images(self, paths: Sequence[PathLike], top_k: int = 10, exclude_self: bool = False,
-                     failures: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+                     failures: Optional[List[Dict[str, Any]]] = None,
+                     expand: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
         """Rank the gallery for each image file; returns one dict per answered query with its ranked results.
 
         A query that cannot be answered (unreadable file, an image without a usable descriptor) raises its
         :class:`CbirError`, unless ``failures`` is a list: then ``{"path", "cause", "position"}`` (position: its index
         in ``paths``) is appended there and the other queries are still answered. Errors of the index itself
         (:class:`IndexMismatch`: extractor, weights, dimension) always raise.
+
+        ``expand`` (``{"qe_k", "alpha", "dba_k"}``, cbir/index/expansion.py): alpha-QE and/or DBA.
         """
         from .data import decode_image
+        from .index.expansion import for_index
 
         if int(top_k) < 1:
             raise CbirError(f"top_k must be a positive number of results, got {top_k}")
         ext = self.extractor
+        expander = for_index(self, expand)
+        search = expander.search if expander is not None else self.search
         out = []
         for pos, p in enumerate(paths):
             t0 = time.time()
@@ -633,7 +672,7 @@ class Index:
                 if exclude_self:
                     r = self._row_of_path(p)
                     ex = np.array([-1 if r is None else r])
-                scores, ids = self.search(vec, top_k, exclude=ex)
+                scores, ids = search(vec, top_k, exclude=ex)
             except IndexMismatch:
                 raise
             except CbirError as err:
@@ -698,6 +737,233 @@ def verify_index(folder: PathLike) -> Dict[str, Any]:
     return {"index": str(folder), "ok": not errors, "count": m["count"], "files": files, "unrecorded": extra, "errors": errors}
 
 
+# ------------------------------------------------------------------------------- add, remove, compact
+
+
+@dataclass
+class UpdateReport:
+    index: Path
+    count: int
+    added: int = 0
+    removed: int = 0
+    skipped: List[str] = field(default_factory=list)  # names already in the index / not found
+    failures: List[Dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _rewrite(idx: "Index", work: Path, rows: Dict[str, np.ndarray], backend: FaissBackend, keep_local: Sequence[str],
+             new_local: Dict[str, Any], event: Dict[str, Any]) -> Dict[str, Any]:
+    """Write ``idx``'s folder anew from ``rows`` and ``backend`` in ``work/commit`` and move it into place (atomic)."""
+    folder, m = idx.folder, idx.manifest
+    commit = work / "commit"
+    shutil.rmtree(commit, ignore_errors=True)
+    try:
+        commit.mkdir()
+    except OSError as e:
+        raise store.write_error(commit, e) from None
+    extra = {k: rows[k] for k in ("ids", "codes", "raw") if k in rows}
+    store.check_space(commit, sum(v.nbytes for v in rows.values() if isinstance(v, np.ndarray) and v.dtype != object) * 2 + (1 << 20),
+                      "the updated index")
+    store.write_features(commit / store.FEATURES, store.Rows(list(rows["names"]), list(rows["paths"]),
+                                                             [None if l == "" else l for l in rows["labels"]], list(rows["file_size"]),
+                                                             list(rows["file_mtime"]), np.asarray(rows["descriptors"], np.float32)), extra)
+    backend.save(commit / m["faiss"])
+    for name in (m.get("files") or {}):
+        if name.endswith(".h5") and name not in (store.FEATURES, store.LOCAL_FILE):
+            shutil.copy2(folder / name, commit / name)  # learned state and bundled files: unchanged
+    if m.get("local"):
+        from .local.store import LocalFeatureStore
+
+        with LocalFeatureStore(commit / store.LOCAL_FILE, mode="a") as lw:
+            lw.copy_from(folder / store.LOCAL_FILE, keep_local)
+            for name, feats in new_local.items():
+                lw.put(name, feats)
+    labels = sorted({l for l in rows["labels"] if l != ""})
+    manifest = {**m, "count": int(len(rows["names"])), "labels": labels, "search": backend.spec.to_json(),
+                "next_id": int(max(int(m.get("next_id", 0)), int(rows["ids"].max()) + 1 if len(rows["ids"]) else 0)),
+                "updated": store.now_iso(), "history": [*(m.get("history") or []), {**event, "at": store.now_iso()}][-100:]}
+    manifest["files"] = {p.name: store.file_record(p) for p in sorted(commit.iterdir()) if p.is_file()}
+    store.write_json_atomic(manifest, commit / store.MANIFEST)
+    store.commit_folder(commit, folder)
+    return manifest
+
+
+def _locked_update(folder: PathLike, fn):
+    folder = Path(folder)
+    if not (folder / store.MANIFEST).is_file():
+        store.read_manifest(folder)  # the one-line "not a cbir index" error
+    work = store.partial_dir(folder)
+    store.claim_work(work, folder)
+    with store.BuildLock(work, folder):
+        try:
+            return fn(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def add_images(folder: PathLike, entries: Sequence[Entry], strict: bool = False, batch_size: int = 16, workers: int = 2,
+               progress: bool = True, log: Callable[[str], None] = None) -> UpdateReport:
+    """Extract only the images of ``entries`` not yet in the index, with the index's own extractor and learned state,
+    and append them under new stable ids. Atomic like a build; queries opened afterwards see them."""
+    t0 = time.time()
+    say = log or (lambda msg: _log(msg))
+
+    def run(work: Path) -> UpdateReport:
+        idx = Index(folder)
+        ext = idx.extractor
+        new, _ = dedupe(entries)
+        present = [e.name for e in new if idx.row(e.name) is not None]
+        new = [e for e in new if idx.row(e.name) is None]
+        rep = UpdateReport(index=idx.folder, count=len(idx), skipped=present)
+        if present:
+            say(f"note: {len(present)} image(s) already in the index kept as they are, e.g. {present[0]}")
+        if not new:
+            return rep
+        local_ext = None
+        lm = idx.manifest.get("local")
+        if lm:
+            from .local.store import make_local_extractor
+
+            ident = lm.get("identity") or {}
+            local_ext = make_local_extractor(lm["name"], {**(ident.get("conf") or {}), "max_side": ident.get("max_side")})
+            if local_ext.key() != lm.get("key"):
+                raise IndexMismatch(f"{idx.folder}: its local features ({lm['name']}) cannot be reproduced here (another "
+                                    "configuration or weights); rebuild the index to add images")
+        raws, metas, new_local = [], [], {}
+        side = _decode_side(ext.max_side, local_ext.max_side if local_ext is not None else ext.max_side)
+        pb = _progress(total=len(new), desc=f"add: {ext.name}", enabled=progress)
+        for kind, item in _batches(iter_decoded(new, side, workers=workers), ext, batch_size):
+            if kind == "error":
+                _, e, err = item
+                if strict:
+                    raise CbirError(f"--strict: {err} (nothing added)")
+                rep.failures.append({"path": str(e.path), "name": e.name, "cause": err.cause})
+                _log(f"skipped {e.path}: {err.cause}", pb)
+                pb.update()
+                continue
+            raw = _extract_singly(ext, item, rep.failures, strict, pb, None) if len(item) == 1 else None
+            if raw is None:
+                try:
+                    raw = list(ext.extract([shrink(img, ext.max_side) for _, _, img in item]))
+                except CbirError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one by one, to name the image
+                    raw = _extract_singly(ext, item, rep.failures, strict, pb, exc)
+            for (_, e, img), r in zip(item, raw):
+                if r is None or not np.isfinite(np.linalg.norm(r)) or np.linalg.norm(r) < 1e-12:
+                    if r is not None:
+                        rep.failures.append({"path": str(e.path), "name": e.name, "cause": "descriptor is zero or not finite"})
+                    continue
+                raws.append(np.asarray(r, np.float32))
+                metas.append((e, _stat(e.path)))
+                if local_ext is not None:
+                    try:
+                        new_local[e.name] = local_ext.extract(img)
+                    except Exception as err:  # noqa: BLE001 - the global row stays, re-ranking scores it 0
+                        _log(f"warning: {e.path}: no local features ({err})", pb)
+            pb.update(len(item))
+        pb.close()
+        if not raws:
+            raise CbirError(f"none of the {len(new)} new image(s) could be read; nothing added")
+        raw = np.stack(raws)
+        final = ext.post(raw)
+        vectors = ext.encode(final) if idx.metric == "hamming" else final
+        rows, _ = store.read_rows(idx.folder / store.FEATURES)
+        if "ids" not in rows:
+            rows["ids"] = idx.ids.copy()
+        next_id = int(max(int(idx.manifest.get("next_id", 0)), int(rows["ids"].max()) + 1 if len(rows["ids"]) else 0))
+        ids = np.arange(next_id, next_id + len(metas), dtype=np.int64)
+        add = {"names": [e.name for e, _ in metas], "paths": [str(e.path.resolve()) for e, _ in metas],
+               "labels": ["" if e.label is None else str(e.label) for e, _ in metas], "file_size": [s for _, (s, _) in metas],
+               "file_mtime": [t for _, (_, t) in metas], "descriptors": final.astype(np.float32), "ids": ids}
+        if "codes" in rows:
+            add["codes"] = vectors
+        if "raw" in rows:
+            add["raw"] = raw
+        out = {k: np.concatenate([np.asarray(rows[k], dtype=object if rows[k].dtype == object else rows[k].dtype),
+                                  np.asarray(v, dtype=object if rows[k].dtype == object else rows[k].dtype)]) for k, v in add.items()}
+        backend = _writable_backend(idx)
+        backend.add(ids, vectors)
+        _rewrite(idx, work, out, backend, [str(n) for n in idx.names], new_local, {"added": len(ids), "failures": len(rep.failures)})
+        rep.added, rep.count = len(ids), len(out["names"])
+        return rep
+
+    rep = _locked_update(folder, run)
+    rep.seconds = round(time.time() - t0, 3)
+    return rep
+
+
+def _writable_backend(idx: "Index") -> FaissBackend:
+    """The index's faiss structure as an updatable backend (an index written before ids gets ids = rows)."""
+    if isinstance(idx.index, FaissBackend):
+        return idx.index
+    m = idx.manifest
+    spec = auto_spec(m["metric"], m["code_bits"] if m["metric"] == "hamming" else m["dim"], len(idx), ann=m.get("ann", "flat"))
+    b = FaissBackend(spec)
+    vecs = idx.codes if m["metric"] == "hamming" else idx.descriptors
+    b.train(vecs)
+    b.add(idx.ids, vecs)
+    return b
+
+
+def remove_images(folder: PathLike, names: Sequence[str], log: Callable[[str], None] = None) -> UpdateReport:
+    """Remove gallery images by name (as listed at build). Atomic; their ids are never reused."""
+    t0 = time.time()
+    say = log or (lambda msg: _log(msg))
+
+    def run(work: Path) -> UpdateReport:
+        idx = Index(folder)
+        want = list(dict.fromkeys(str(n) for n in names))
+        rows_rm = [idx.row(n) for n in want]
+        missing = [n for n, r in zip(want, rows_rm) if r is None]
+        if missing:
+            say(f"note: {len(missing)} name(s) not in the index, e.g. {missing[0]}")
+        drop = np.array(sorted(r for r in rows_rm if r is not None), dtype=np.int64)
+        rep = UpdateReport(index=idx.folder, count=len(idx), skipped=missing)
+        if not len(drop):
+            if want:
+                raise CbirError(f"{idx.folder}: none of the {len(want)} name(s) is in the index (names are as listed at build, e.g. {idx.names[0]})")
+            return rep
+        rows, _ = store.read_rows(idx.folder / store.FEATURES)
+        if "ids" not in rows:
+            rows["ids"] = idx.ids.copy()
+        keep = np.setdiff1d(np.arange(len(idx)), drop)
+        out = {k: v[keep] for k, v in rows.items() if isinstance(v, np.ndarray) and len(v) == len(idx)}
+        backend = _writable_backend(idx)
+        backend.remove(idx.ids[drop])
+        _rewrite(idx, work, out, backend, [str(n) for n in out["names"]], {}, {"removed": int(len(drop))})
+        rep.removed, rep.count = int(len(drop)), int(len(keep))
+        return rep
+
+    rep = _locked_update(folder, run)
+    rep.seconds = round(time.time() - t0, 3)
+    return rep
+
+
+def compact_index(folder: PathLike) -> UpdateReport:
+    """Rebuild the search structure from the stored vectors: drops HNSW tombstones, retrains PCA/PQ/IVF on the gallery."""
+    t0 = time.time()
+
+    def run(work: Path) -> UpdateReport:
+        idx = Index(folder)
+        rows, _ = store.read_rows(idx.folder / store.FEATURES)
+        rows.setdefault("ids", idx.ids.copy())
+        m = idx.manifest
+        old = idx.index.spec if isinstance(idx.index, FaissBackend) else None
+        spec = SearchSpec.from_json({**(old.to_json() if old else {"metric": m["metric"], "dim_in": m["code_bits"] if m["metric"] == "hamming" else m["dim"]}),
+                                     "removed": []})
+        vecs = rows["codes"] if m["metric"] == "hamming" else rows["descriptors"]
+        backend = FaissBackend(spec)
+        backend.train(vecs[_fit_rows(len(vecs), spec)])
+        backend.add(rows["ids"], vecs)
+        _rewrite(idx, work, rows, backend, [str(n) for n in rows["names"]], {}, {"compacted": len(old.removed) if old else 0})
+        return UpdateReport(index=idx.folder, count=len(rows["names"]), removed=len(old.removed) if old else 0)
+
+    rep = _locked_update(folder, run)
+    rep.seconds = round(time.time() - t0, 3)
+    return rep
+
+
 # ------------------------------------------------------------------------------- evaluation
 
 
@@ -727,6 +993,7 @@ def evaluate(
     progress: bool = True,
     workers: int = 2,
     plot: Optional[PathLike] = None,
+    expand: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Rank the gallery for every query and report precision@k, AP@k, mAP (and N-S where groups have 4).
 
@@ -737,6 +1004,7 @@ def evaluate(
     the report counts them apart (``n_queries_without_relevant``, the first 10 in ``queries_without_relevant``) and
     ``n_queries`` counts the queries the metrics are means over; unreadable queries are in ``query_failures``.
     An undefined metric is None, never NaN. Raises :class:`CbirError` when no query can be evaluated.
+    ``expand`` (``{"qe_k", "alpha", "dba_k"}``): alpha-QE / DBA (cbir/index/expansion.py), leave-one-out kept.
     """
     from .cliutil import tty_safe
     from .eval.metrics import MetricAccumulator, finite_or_none, seed_scores
@@ -830,12 +1098,16 @@ def evaluate(
         from .local.rerank import Reranker
 
         reranker = Reranker(idx, rerank, conf=rerank_conf or {})
+    from .index.expansion import for_index
+
+    expander = for_index(idx, expand)
+    search = expander.search if expander is not None else idx.search
     step = max(1, min(1024, (64 << 20) // max(1, 12 * K)))
     pb = _progress(total=len(qidx), desc="search", enabled=progress, unit="query")
     for a in range(0, len(qidx), step):
         sel = qidx[a : a + step]
         ex = rows[sel]
-        s, ids = idx.search(qvec[sel], K, exclude=np.where(ex >= 0, ex, -1))
+        s, ids = search(qvec[sel], K, exclude=np.where(ex >= 0, ex, -1))
         rel = (gl[np.maximum(ids, 0)] == labels_q[a : a + step, None]) & (ids >= 0)
         acc.update(rel, n_rel[a : a + step])
         seed_rel.append(rel[:, :10])
@@ -869,6 +1141,7 @@ def evaluate(
         "n_query_failures": len(failures),
         "leave_one_out": self_in_gallery,
         "max_rank": K,
+        "expand": expander.describe() if expander is not None else None,
         "metrics": acc.summary(),
         "seed_definition": seed_scores(np.concatenate(seed_rel)) if seed_rel else {},
         "pr_curve": {"recall": np.linspace(0, 1, 11).round(2).tolist(), "precision": curve(acc.pr())},

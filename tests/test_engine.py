@@ -142,12 +142,12 @@ def test_rebuild_reuses_rows_and_re_extracts_changed_files(small_set, tmp_path):
 def test_failed_finalise_keeps_the_old_index(small_set, tmp_path, monkeypatch):
     entries = read_file_list(small_set / "list.txt")
     build_index(entries[:6], tmp_path / "idx", **COLOUR)
-    from cbir.index import faiss_index
+    from cbir.index import backend
 
     def boom(self, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(faiss_index.CosineIndex, "save", boom)
+    monkeypatch.setattr(backend.FaissBackend, "save", boom)
     with pytest.raises(OSError):
         build_index(entries, tmp_path / "idx", **COLOUR)
     assert Index(tmp_path / "idx").index.ntotal == 6  # the previous index is intact

@@ -618,12 +618,27 @@ def open_checked(folder: os.PathLike, name: str, manifest: Dict[str, Any], opene
         raise damaged(folder, name, f"unreadable: {first}", manifest) from None
 
 
+def index_summary(m: Dict[str, Any], folder: os.PathLike) -> Dict[str, Any]:
+    """What ``cbir index info --json`` leads with: sizes of the search structure and of the files."""
+    from .backend import SearchSpec
+
+    if m.get("search"):
+        spec = SearchSpec.from_json(m["search"])
+    else:  # before codecs: flat float32 or flat binary, no ids stored in faiss
+        spec = SearchSpec(metric=m["metric"], dim_in=m["code_bits"] if m["metric"] == "hamming" else m["dim"], ann=m.get("ann", "flat"))
+    folder = Path(folder)
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"index": str(folder), "count": m["count"], "dim": m["dim"], "searched_dim": spec.search_dim if spec.metric == "cosine" else None,
+            "metric": m["metric"], "codec": spec.codec if spec.metric == "cosine" else "binary", "ann": spec.ann,
+            "bytes_per_image": spec.bytes_per_image, "file_bytes": files, "total_bytes": sum(files.values())}
+
+
 # ----------------------------------------------------------------------------- manifest schema
 
 
 KINDS = ("float", "binary")
 METRICS = ("cosine", "hamming")
-ANNS = ("flat", "hnsw")
+ANNS = ("flat", "hnsw", "ivf")
 MAX_DIM = 1 << 20
 MAX_COUNT = 1 << 40
 
@@ -673,6 +688,25 @@ def validate_manifest(m: Any, p: Path) -> Dict[str, Any]:
     local = m.get("local")
     if local is not None and (not isinstance(local, dict) or not isinstance(local.get("name"), str)):
         raise _fail(p, "'local' must be null or an object with a name")
+    search = m.get("search")
+    if search is not None:
+        if not isinstance(search, dict) or search.get("metric") != metric:
+            raise _fail(p, "'search' must be an object for the same metric")
+        for k in ("dim_in", "dim", "code_bytes", "nlist", "nprobe", "ef", "hnsw_m"):
+            v = search.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM * 16):
+                raise _fail(p, f"search.{k} must be a positive integer")
+        removed = search.get("removed", [])
+        if not isinstance(removed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in removed):
+            raise _fail(p, "search.removed must be a list of image ids")
+        from .backend import SearchSpec
+
+        try:
+            SearchSpec.from_json(search)
+        except (CbirError, TypeError, ValueError) as e:
+            raise _fail(p, f"search: {e}") from None
+    if "next_id" in m and (isinstance(m["next_id"], bool) or not isinstance(m["next_id"], int) or m["next_id"] < 0):
+        raise _fail(p, "'next_id' must be a non-negative integer")
     files = m.get("files")
     if files is not None:
         if not isinstance(files, dict):
