@@ -99,6 +99,14 @@ CONFIGS.update({
     "pooled-mnv2-s17-last-gap": configure("pooled", backbone=MN, pool="gap", extra={"stages": ["stage17", "last"]}),
 })
 
+#: learned PCA-whitening of the default descriptor (issue 11): fitted on each gallery, eigenvalues^(-power/2);
+#: the kept directions are capped by the gallery's rank (ukbench56: 55, boofcv24: 23)
+CONFIGS.update({
+    f"fused-whiten{d or 'full'} (default + PCA-whitening to {d or 'all'} dims, power 0.5)": configure("fused", extra={"whiten": {"dim": d, "power": 0.5}})
+    for d in (128, 256, 512, None)
+})
+CONFIGS["fused-whiten256-p1 (default + full PCA-whitening, power 1, to 256)"] = configure("fused", extra={"whiten": {"dim": 256, "power": 1.0}})
+
 
 def run(ds_name: str, names, out_dir: Path, idx_root: Path, threads: int) -> dict:
     ds = load_dataset(ds_name)

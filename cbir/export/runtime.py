@@ -185,7 +185,7 @@ def pooled_extract(ext, images: List[np.ndarray]) -> np.ndarray:
     if ext.conf.get("weighting"):
         raise CbirError("pooled: foreground weighting (class maps) runs in torch only; drop --runtime onnx")
     sess = cached_session(pooled_identity(ext), lambda: pooled_spec(ext))
-    out = np.zeros((len(images), ext.dim), np.float32)
+    out = np.zeros((len(images), getattr(ext, "raw_dim", ext.dim)), np.float32)
     images = resize_to(images, ext.conf.get("input_size") or getattr(ext.net, "input_size", None))
     with torch.inference_mode():
         for idx, batch in images_to_batches(images):

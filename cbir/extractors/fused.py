@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import CbirError
 from .base import EXTRACTORS, Extractor, l2n, make_extractor
+from .whitening import make_whitening, normalise_whiten
 
 #: the default parts (measured in benchmarks/quality.py; README explains the choice).
 #: ImageNet MobileNetV2's last block, average-pooled, carries nearly everything on the measured sets
@@ -28,7 +29,8 @@ DEFAULT_PARTS = [
 @EXTRACTORS.register("fused")
 class FusedExtractor(Extractor):
     name = "fused"
-    default_conf = {"parts": DEFAULT_PARTS, "max_side": 512}
+    #: ``whiten``: PCA-whitening of the fused vector, learned on the gallery (whitening.py); null: off
+    default_conf = {"parts": DEFAULT_PARTS, "max_side": 512, "whiten": None}
 
     def __init__(self, conf=None) -> None:
         super().__init__(conf)
@@ -53,6 +55,8 @@ class FusedExtractor(Extractor):
         sides = [e.max_side for e in self.parts if e.max_side]
         if sides and self.conf["max_side"] is None:
             self.conf["max_side"] = max(sides)
+        self.conf["whiten"] = normalise_whiten(self.conf["whiten"])
+        self._whiten = make_whitening(self.conf["whiten"])
 
     @property
     def needs_fit(self) -> bool:  # type: ignore[override]
@@ -60,11 +64,22 @@ class FusedExtractor(Extractor):
 
     @property
     def needs_post_fit(self) -> bool:  # type: ignore[override]
-        return any(e.needs_post_fit for e in self.parts)
+        return self._whiten is not None or any(e.needs_post_fit for e in self.parts)
 
     @property
     def dim(self) -> int:
-        return int(sum(e.dim for e in self.parts))
+        d = int(sum(e.dim for e in self.parts))
+        return self._whiten.out_dim(d) if self._whiten is not None else d
+
+    @property
+    def raw_dim(self) -> int:
+        return int(sum(self._raw_dims()))
+
+    def identity(self, with_state: bool = True):
+        ident = super().identity(with_state)
+        if ident["conf"].get("whiten") is None:  # unset: the identity (and index keys) of before the option existed
+            ident["conf"] = {k: v for k, v in ident["conf"].items() if k != "whiten"}
+        return ident
 
     def _raw_dims(self) -> List[int]:
         return [getattr(e, "raw_dim", e.dim) for e in self.parts]
@@ -91,9 +106,15 @@ class FusedExtractor(Extractor):
             c.finish()
 
     def state(self) -> Dict[str, np.ndarray]:
-        return {f"part{i}/{k}": v for i, e in enumerate(self.parts) for k, v in e.state().items()}
+        st = {f"part{i}/{k}": v for i, e in enumerate(self.parts) for k, v in e.state().items()}
+        return {**st, **(self._whiten.state() if self._whiten is not None else {})}
 
     def load_state(self, arrays: Dict[str, np.ndarray]) -> None:
+        if self._whiten is not None:
+            arrays = self._whiten.load_state(arrays)
+        unknown = sorted(k for k in arrays if not k.startswith("part"))
+        if unknown:
+            raise CbirError(f"fused: unexpected state {unknown}")
         for i, e in enumerate(self.parts):
             sub = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"part{i}/")}
             e.load_state(sub)
@@ -119,10 +140,16 @@ class FusedExtractor(Extractor):
         for e, r in zip(self.parts, self._split(raw)):
             if e.needs_post_fit:
                 e.fit_post(r)
+        if self._whiten is not None:  # on the fused vectors, once every part is final
+            self._whiten.fit(self._fuse(raw))
 
-    def post(self, raw: np.ndarray) -> np.ndarray:
+    def _fuse(self, raw: np.ndarray) -> np.ndarray:
         parts = [np.sqrt(w) * e.post(r) for e, w, r in zip(self.parts, self.w, self._split(raw))]
         return l2n(np.concatenate(parts, axis=1))
+
+    def post(self, raw: np.ndarray) -> np.ndarray:
+        fused = self._fuse(raw)
+        return self._whiten.apply(fused) if self._whiten is not None else fused
 
 
 def _resized(images: List[np.ndarray], side) -> List[np.ndarray]:

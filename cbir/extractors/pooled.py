@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .base import EXTRACTORS, Extractor, l2n
+from .whitening import make_whitening, normalise_whiten
 from .runtime import images_to_batches, resize_to, torch_inference
 
 
@@ -63,6 +64,7 @@ class PooledExtractor(Extractor):
         "input_size": None,  # [H, W]: resize every image to this first (cv2 bilinear, seed 003); None: the backbone's own, if any
         "backbone_conf": {},  # options of a prefix:argument backbone, e.g. {"mean": [...], "std": [...]} for paddle:*
         "runtime": None,  # torch | onnx; None: the process default (--runtime, $CBIR_RUNTIME); never part of the identity
+        "whiten": None,  # PCA-whitening learned on the gallery: null, a dim, or {"dim": D | null, "power": 0.5} (whitening.py)
     }
     #: stages pooled by default, per backbone (measured in benchmarks/quality.py)
     default_stages = {
@@ -89,6 +91,8 @@ class PooledExtractor(Extractor):
             if k in self.default_conf and k not in (conf or {}):
                 self.conf[k] = v
                 self.filled_defaults[k] = v
+        self.conf["whiten"] = normalise_whiten(self.conf["whiten"])
+        self._whiten = make_whitening(self.conf["whiten"])
         self._net = None
 
     @property
@@ -117,9 +121,35 @@ class PooledExtractor(Extractor):
         return self._stages
 
     @property
-    def dim(self) -> int:
+    def raw_dim(self) -> int:
         net = self.net
         return int(sum(net.channels[s] for s in self.stages))
+
+    @property
+    def dim(self) -> int:
+        return self._whiten.out_dim(self.raw_dim) if self._whiten else self.raw_dim
+
+    # -- learned PCA-whitening (only with ``whiten``) -----------------------------------------
+    @property
+    def needs_post_fit(self) -> bool:  # type: ignore[override]
+        return self._whiten is not None
+
+    #: nothing is learned before extraction (``fit``): the whitening is all post-fit state
+    fit_state_keys: List[str] = []
+
+    def fit_post(self, raw: np.ndarray) -> None:
+        if self._whiten is not None:
+            self._whiten.fit(l2n(raw))
+
+    def post(self, raw: np.ndarray) -> np.ndarray:
+        return self._whiten.apply(l2n(raw)) if self._whiten is not None else l2n(raw)
+
+    def state(self) -> Dict[str, np.ndarray]:
+        return self._whiten.state() if self._whiten is not None else {}
+
+    def load_state(self, arrays: Dict[str, np.ndarray]) -> None:
+        rest = self._whiten.load_state(arrays) if self._whiten is not None else arrays
+        super().load_state(rest)
 
     def weights(self) -> Dict[str, str]:
         out = dict(self.net.weights_sha)
@@ -136,7 +166,7 @@ class PooledExtractor(Extractor):
             conf["weighting_head"] = "@weighting_head"
         else:  # unweighted: the identity (and index keys) of before the option existed
             del conf["weighting"], conf["weighting_head"]
-        for k in ("input_size", "backbone_conf"):  # unset: the identity of before these options existed
+        for k in ("input_size", "backbone_conf", "whiten"):  # unset: the identity of before these options existed
             if not conf[k]:
                 del conf[k]
         conf.pop("runtime", None)  # torch and onnx give the same descriptors (cbir/export): indexes are interchangeable
@@ -181,7 +211,7 @@ class PooledExtractor(Extractor):
 
             return pooled_extract(self, images)
 
-        out = np.zeros((len(images), self.dim), np.float32)
+        out = np.zeros((len(images), self.raw_dim), np.float32)
         images = resize_to(images, self.conf["input_size"] or getattr(self.net, "input_size", None))
         with torch_inference():
             for idx, batch in images_to_batches(images):

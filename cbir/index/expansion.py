@@ -1,0 +1,206 @@
+"""Query expansion (alpha-QE) and database-side augmentation (DBA) on cosine indexes.
+
+Radenovic, Tolias, Chum, "Fine-tuning CNN image retrieval with no human annotation", TPAMI 2018:
+
+* alpha-QE: a query q is replaced by l2n(q + sum_i s_i^alpha x_i) over its top ``qe_k`` results x_i
+  (s_i = q.x_i, negative similarities weigh 0; q itself has weight 1^alpha = 1), then searched again.
+* DBA: every gallery vector x is replaced, once, by the same weighted mean over its own top ``dba_k``
+  neighbours (itself excluded); queries are searched against the augmented gallery.
+
+Neighbours always come from a ``search(vectors, k, exclude)`` function (the index's), in batches: no
+(N, N) matrix is formed. The augmented gallery is searched by a flat inner-product faiss index.
+
+Leave-one-out: a query that is gallery row r (``exclude[i] = r``) is kept out of everything it would
+see of itself. Its own first search excludes r, so r never enters its expansion; and with DBA, the
+gallery vectors that r helped augment (those with r among their ``dba_k`` neighbours) are recomputed
+for that query without r (r replaced by their next neighbour), so the query does not find itself
+mixed into its neighbours. Scores returned are similarities to the (expanded) query.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from ..errors import CbirError
+
+SearchFn = Callable[..., Tuple[np.ndarray, np.ndarray]]
+
+#: alpha of the paper (and cirtorch / revisitop) for both alpha-QE and DBA
+DEFAULT_ALPHA = 3.0
+#: results averaged into a query by ``--expand`` alone (benchmarks/expansion.py)
+DEFAULT_QE_K = 2
+
+
+def parse_expand(expand: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """``{"qe_k": int, "alpha": float, "dba_k": int}`` (missing keys: 0, 3.0, 0), or None when both k are 0."""
+    if not expand:
+        return None
+    if not isinstance(expand, dict):
+        raise CbirError(f"expand: expected a dict with qe_k, alpha, dba_k, got {expand!r}")
+    unknown = sorted(set(expand) - {"qe_k", "alpha", "dba_k"})
+    if unknown:
+        raise CbirError(f"expand: unknown option(s) {unknown}; options: ['alpha', 'dba_k', 'qe_k']")
+    out = {}
+    for key in ("qe_k", "dba_k"):
+        v = expand.get(key) or 0
+        if isinstance(v, bool) or int(v) != v or int(v) < 0:
+            raise CbirError(f"expand: {key} must be a non-negative integer, got {v!r}")
+        out[key] = int(v)
+    a = expand.get("alpha", DEFAULT_ALPHA)
+    try:
+        a = float(DEFAULT_ALPHA if a is None else a)
+    except (TypeError, ValueError):
+        raise CbirError(f"expand: alpha must be a number, got {a!r}") from None
+    if not np.isfinite(a) or a < 0:
+        raise CbirError(f"expand: alpha must be a non-negative number, got {a}")
+    out["alpha"] = a
+    return out if out["qe_k"] or out["dba_k"] else None
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def sim_weights(sims: np.ndarray, alpha: float, valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """max(s, 0)^alpha, 0 where ``valid`` is False (missing neighbours, id -1)."""
+    w = np.maximum(np.asarray(sims, np.float32), 0.0) ** np.float32(alpha)
+    return w if valid is None else np.where(valid, w, 0.0).astype(np.float32)
+
+
+def alpha_qe(q: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float,
+             valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """Expanded queries ``(B, d)``: l2n(q + sum_i w_i x_i) with q ``(B, d)``, neighbours ``(B, k, d)``, sims ``(B, k)``."""
+    w = sim_weights(sims, alpha, valid)
+    return _l2n(np.asarray(q, np.float32) + np.einsum("bk,bkd->bd", w, np.asarray(neighbours, np.float32)))
+
+
+def neighbours(x: np.ndarray, search: SearchFn, k: int, batch: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+    """(sims, ids) ``(n, k)`` of each gallery row's top ``k`` other rows (ids -1 where the gallery has fewer)."""
+    n = len(x)
+    ids = np.full((n, k), -1, np.int64)
+    sims = np.zeros((n, k), np.float32)
+    for a in range(0, n, batch):
+        b = min(n, a + batch)
+        s, i = search(x[a:b], k, exclude=np.arange(a, b))
+        ids[a:b, : i.shape[1]] = i
+        sims[a:b, : s.shape[1]] = s
+    sims[ids < 0] = 0.0
+    return sims, ids
+
+
+def dba(x: np.ndarray, ids: np.ndarray, sims: np.ndarray, alpha: float) -> np.ndarray:
+    """Augmented gallery: l2n(x_j + sum_p w_jp x_{ids[j, p]}) for neighbour lists ``ids`` / ``sims`` ``(n, k)``."""
+    return _l2n(_dba_sums(np.asarray(x, np.float32), ids, sim_weights(sims, alpha, ids >= 0)))
+
+
+def _dba_sums(x: np.ndarray, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
+    u = x.copy()
+    for p in range(ids.shape[1]):  # one (n, d) gather at a time
+        u += w[:, p, None] * x[np.maximum(ids[:, p], 0)]
+    return u
+
+
+class Expander:
+    """Searches a gallery ``x`` (L2-normalised rows) with alpha-QE and/or DBA; ``search`` is the index's own."""
+
+    def __init__(self, x: np.ndarray, search: SearchFn, qe_k: int = 0, alpha: float = DEFAULT_ALPHA, dba_k: int = 0,
+                 batch: int = 1024) -> None:
+        self.x = np.ascontiguousarray(x, np.float32)
+        self.n, self.d = self.x.shape
+        self.base_search = search
+        self.qe_k, self.alpha, self.dba_k = int(qe_k), float(alpha), int(dba_k)
+        self.dba_k = min(self.dba_k, max(0, self.n - 1))
+        self._flat = None
+        if self.dba_k:
+            # one neighbour more than used: the replacement when a left-out query was one of them
+            sims, ids = neighbours(self.x, search, self.dba_k + 1, batch)
+            self.nbr, self.w = ids, sim_weights(sims, self.alpha, ids >= 0)
+            u = _dba_sums(self.x, ids[:, : self.dba_k], self.w[:, : self.dba_k])
+            self.u_norm = np.maximum(np.linalg.norm(u, axis=1), 1e-12).astype(np.float32)
+            self.gallery = (u / self.u_norm[:, None]).astype(np.float32)
+            flat = ids[:, : self.dba_k].ravel()
+            self._rev_order = np.argsort(flat, kind="stable")
+            self._rev_sorted = flat[self._rev_order]
+            import faiss
+
+            self._flat = faiss.IndexFlatIP(self.d)
+            self._flat.add(self.gallery)
+        else:
+            self.gallery = self.x
+
+    def describe(self) -> Dict[str, Any]:
+        return {"qe_k": self.qe_k, "alpha": self.alpha, "dba_k": self.dba_k}
+
+    # -- leave-one-out corrections of the augmented gallery --------------------------------------------
+    def _without(self, r: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(rows, vectors): the augmented rows that used gallery row ``r``, recomputed without it."""
+        if not self.dba_k or r < 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.d), np.float32)
+        lo, hi = np.searchsorted(self._rev_sorted, [r, r + 1])
+        flat = self._rev_order[lo:hi]
+        js, ps = flat // self.dba_k, flat % self.dba_k
+        if not len(js):
+            return js, np.zeros((0, self.d), np.float32)
+        u = self.gallery[js] * self.u_norm[js, None] - self.w[js, ps, None] * self.x[r]
+        nxt = self.nbr[js, self.dba_k]
+        u += np.where(nxt >= 0, self.w[js, self.dba_k], 0.0)[:, None] * self.x[np.maximum(nxt, 0)]
+        return js, _l2n(u)
+
+    def _gallery_search(self, q: np.ndarray, k: int, exclude: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        if not self.dba_k:
+            return self.base_search(q, k, exclude=exclude)
+        k = int(min(k, self.n))
+        ex = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(-1)
+        fixes = [self._without(int(r)) for r in ex]
+        extra = max((len(js) for js, _ in fixes), default=0) + 1
+        kk = min(self.n, k + extra)
+        s, ids = self._flat.search(np.ascontiguousarray(q, np.float32), kk)
+        out_s = np.zeros((len(q), k), np.float32)
+        out_i = np.full((len(q), k), -1, np.int64)
+        for b in range(len(q)):
+            js, vj = fixes[b]
+            keep = (ids[b] >= 0) & (ids[b] != ex[b]) & ~np.isin(ids[b], js)
+            si, ii = s[b][keep], ids[b][keep]
+            if len(js):  # the rows r helped augment, scored as if r were not in the gallery
+                si, ii = np.concatenate([si, vj @ q[b]]), np.concatenate([ii, js])
+            order = np.argsort(-si, kind="stable")[:k]
+            out_s[b, : len(order)], out_i[b, : len(order)] = si[order], ii[order]
+        return out_s, out_i
+
+    def _vectors(self, ids: np.ndarray, exclude: Optional[np.ndarray]) -> np.ndarray:
+        """Augmented gallery vectors of ``ids`` ``(B, k)`` as each query sees them (zeros for -1)."""
+        v = self.gallery[np.maximum(ids, 0)] * (ids >= 0)[..., None]
+        if self.dba_k and exclude is not None:
+            for b, r in enumerate(np.asarray(exclude).reshape(-1)):
+                js, vj = self._without(int(r))
+                for j, vec in zip(js, vj):
+                    v[b][ids[b] == j] = vec
+        return v
+
+    # -- the search -----------------------------------------------------------------------------------------
+    def search(self, q: np.ndarray, k: int, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of each query (``(scores, ids)``, as the index's search), expanded as configured."""
+        q = np.ascontiguousarray(q, np.float32)
+        if not self.qe_k:
+            return self._gallery_search(q, k, exclude)
+        s, ids = self._gallery_search(q, self.qe_k, exclude)
+        q2 = alpha_qe(q, self._vectors(ids, exclude), s, self.alpha, ids >= 0)
+        return self._gallery_search(q2, k, exclude)
+
+
+def for_index(idx, expand: Optional[Dict[str, Any]]) -> Optional[Expander]:
+    """The :class:`Expander` of an opened index for ``expand`` (cached on it: DBA is computed once), or None."""
+    spec = parse_expand(expand)
+    if spec is None:
+        return None
+    if idx.metric != "cosine":
+        raise CbirError(f"{idx.folder}: query expansion / DBA need a cosine index of float descriptors; "
+                        f"this one compares {idx.metric} codes (build it with a float extractor, e.g. fused)")
+    cache = idx.__dict__.setdefault("_expanders", {})
+    key = (spec["qe_k"], spec["alpha"], spec["dba_k"])
+    if key not in cache:
+        cache[key] = Expander(idx.descriptors, idx.search, **spec)
+    return cache[key]
