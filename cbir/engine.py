@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .data import Entry, iter_decoded, load_dataset, read_file_list
-from .errors import CbirError, DecodeError, IndexMismatch
+from .errors import CbirError, DecodeError, IndexMismatch, query_failed
 from .extractors import DEFAULT_EXTRACTOR
 from .extractors.base import Extractor, make_extractor
 from .index import store
@@ -149,8 +149,9 @@ def build_index(
         except store.WriteError as e:
             shutil.rmtree(work / "commit", ignore_errors=True)  # a half-written final folder: made again from the rows
             kept = store.folder_bytes(work)
+            done = work.exists() and (any((work / "rows").glob("part-*.h5")) or (work / STATE_FILE).is_file())
             note = (f"; the work done so far ({kept / 1e6:.1f} MB) is kept in {work}: run the same command again to resume"
-                    if kept and work.exists() else "")
+                    if done else "")
             raise store.WriteError(f"{e}{note}") from None
 
 
@@ -395,12 +396,7 @@ def _build_locked(
     if ext.needs_post_fit:
         ext.fit_post(raw)
     final = ext.post(raw)
-    commit = work / "commit"
-    shutil.rmtree(commit, ignore_errors=True)
-    try:
-        commit.mkdir()
-    except OSError as e:
-        raise store.write_error(commit, e) from None
+    commit = store.fresh_folder(work / "commit")
     names = [rows["names"][j] for j in order]
     paths = [str(want[n].path.resolve()) for n in names]
     labels = [want[n].label for n in names]
@@ -673,12 +669,8 @@ class Index:
                     r = self._row_of_path(p)
                     ex = np.array([-1 if r is None else r])
                 scores, ids = search(vec, top_k, exclude=ex)
-            except IndexMismatch:
-                raise
             except CbirError as err:
-                if failures is None:
-                    raise
-                failures.append({"path": str(p), "cause": getattr(err, "cause", None) or str(err), "position": pos})
+                query_failed(failures, p, pos, err)
                 continue
             r = self._row_of_path(p)
             out.append({
@@ -755,12 +747,7 @@ def _rewrite(idx: "Index", work: Path, rows: Dict[str, np.ndarray], backend: Fai
              new_local: Dict[str, Any], event: Dict[str, Any]) -> Dict[str, Any]:
     """Write ``idx``'s folder anew from ``rows`` and ``backend`` in ``work/commit`` and move it into place (atomic)."""
     folder, m = idx.folder, idx.manifest
-    commit = work / "commit"
-    shutil.rmtree(commit, ignore_errors=True)
-    try:
-        commit.mkdir()
-    except OSError as e:
-        raise store.write_error(commit, e) from None
+    commit = store.fresh_folder(work / "commit")
     extra = {k: rows[k] for k in ("ids", "codes", "raw") if k in rows}
     store.check_space(commit, sum(v.nbytes for v in rows.values() if isinstance(v, np.ndarray) and v.dtype != object) * 2 + (1 << 20),
                       "the updated index")

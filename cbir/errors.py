@@ -24,3 +24,11 @@ class IndexMismatch(CbirError):
 
 class IndexDamaged(CbirError):
     """An index file is missing, truncated, altered or unreadable; the message names it and how to rebuild."""
+
+
+def query_failed(failures, path, pos: int, err: CbirError) -> None:
+    """Record an unreadable query in the list ``failures`` (raise when it is None: the caller wants no partial answers).
+    An index-level mismatch always raises, as every other query would fail the same way."""
+    if failures is None or isinstance(err, IndexMismatch):
+        raise err
+    failures.append({"path": str(path), "cause": getattr(err, "cause", None) or str(err), "position": pos})

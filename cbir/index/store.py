@@ -461,6 +461,17 @@ def check_space(folder: os.PathLike, needed: int, what: str) -> None:
                          "free some space or choose another --out")
 
 
+def fresh_folder(path: Path) -> Path:
+    """An empty folder at ``path`` (inside a work folder cbir owns): what was there is removed first."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        path.mkdir()
+    except OSError as e:
+        raise write_error(path, e) from None
+    return path
+
+
 def folder_bytes(folder: Path) -> int:
     total = 0
     for root, _, files in os.walk(folder):

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import CbirError
+from ..errors import CbirError, query_failed
 from .base import Matcher, correspondences
 from .verify import verify
 
@@ -228,12 +228,8 @@ class Reranker:
                 k = min(len(idx), max(int(top_k), int(top)))
                 s, ids = idx.search(vec, k)
                 views = self._query_views(self._image(p))
-            except IndexMismatch:
-                raise
             except CbirError as err:
-                if failures is None:
-                    raise
-                failures.append({"path": str(p), "cause": getattr(err, "cause", None) or str(err), "position": pos})
+                query_failed(failures, p, pos, err)
                 continue
             score_of = {int(i): float(v) for i, v in zip(ids[0], s[0]) if i >= 0}
             new = self.rerank_item(views, ids[0], top=top)
