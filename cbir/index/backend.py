@@ -217,7 +217,7 @@ class FaissBackend(_Base):
             raise CbirError(f"--codec pq learns 256 centroids per sub-vector: it needs at least 256 images, the gallery has {n}; "
                             "use --codec float16 for a small gallery")
         if sp.dim and sp.dim < sp.dim_in and n < sp.dim:
-            raise CbirError(f"--dim {sp.dim}: PCA-whitening needs at least {sp.dim} images to learn, the gallery has {n}")
+            raise CbirError(f"--dim {sp.dim}: PCA needs at least {sp.dim} images to learn, the gallery has {n}")
         if not sp.pca_centre and sp.dim and sp.dim < sp.dim_in:
             faiss = self._faiss
             pre = next(s for s in _walk(self.index) if isinstance(s, faiss.IndexPreTransform))
