@@ -223,7 +223,8 @@ def cmd_index_verify(a) -> int:
 
 
 def cmd_index_info(a) -> int:
-    from .index.store import index_summary, read_manifest
+    from .index.backend import index_summary
+    from .index.store import read_manifest
 
     m = read_manifest(a.index)
     info = index_summary(m, a.index)
@@ -233,7 +234,8 @@ def cmd_index_info(a) -> int:
         e = m["extractor"]
         print(tty_safe(f"{a.index}: {m['count']} images, {m['kind']} {m['dim']}-d, metric {m['metric']}, created {m['created']}"))
         sp = m.get("search") or {}
-        print(f"search: {info['ann']}, codec {info['codec']}" + (f", PCA-whitened to {sp['dim']}-d" if sp.get("dim") else "")
+        print(f"search: {info['ann']}, codec {info['codec']}" + (f", PCA to {sp['dim']}-d" + (f" (whitened, power {sp['whiten_power']})" if sp.get("whiten_power") else "")
+                                                                 if sp.get("dim") else "")
               + (f", {sp['code_bytes']}-byte PQ codes" if sp.get("code_bytes") else "") + (f", {sp['nlist']} lists" if sp.get("nlist") else "")
               + f"; {info['bytes_per_image']:.0f} bytes per image")
         print(f"extractor {tty_safe(e['name'])}: {json.dumps(e['conf'])}")

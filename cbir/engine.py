@@ -536,7 +536,10 @@ class Index:
         if len(self.ids) != n or (n > 1 and not (np.diff(self.ids) > 0).all()):
             raise store.damaged(self.folder, store.FEATURES, "image ids are not one increasing id per row", m)
         if "search" in m:
-            spec = SearchSpec.from_json(m["search"])
+            try:
+                spec = SearchSpec.from_json(m["search"])
+            except (CbirError, TypeError, ValueError) as e:
+                raise store.damaged(self.folder, store.MANIFEST, f"invalid search spec: {e}", m) from None
             self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: FaissBackend.open(p, spec, mmap=mmap), verify)
         elif self.metric == "hamming":  # an index written before ids and codecs (flat, row = id)
             self.index = store.open_checked(self.folder, m["faiss"], m, HammingIndex.load, verify)

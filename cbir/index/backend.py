@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from ..errors import CbirError, IndexMismatch
 from .faiss_index import _Base, l2_normalise
+from .store import write_faiss
 
 CODECS = ("float32", "float16", "sq8", "pq")
 ANNS = ("flat", "hnsw", "ivf")
@@ -297,8 +299,6 @@ class FaissBackend(_Base):
         return next((s for s in _walk(self.index) if isinstance(s, (faiss.IndexIVF, faiss.IndexBinaryIVF))), None)
 
     def save(self, path: os.PathLike) -> None:
-        from .store import write_faiss
-
         write_faiss(self.index, path, binary=self.metric == "hamming")
 
     @classmethod
@@ -339,3 +339,16 @@ def _walk(index):
         index = getattr(index, "index", None) if isinstance(index, (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexIDMap2,
                                                                      faiss.IndexBinaryIDMap, faiss.IndexBinaryIDMap2)) else None
         seen += 1
+
+
+def index_summary(m: Dict[str, Any], folder: os.PathLike) -> Dict[str, Any]:
+    """What ``cbir index info --json`` leads with: sizes of the search structure and of the files."""
+    if m.get("search"):
+        spec = SearchSpec.from_json(m["search"])
+    else:  # before codecs: flat float32 or flat binary, no ids stored in faiss
+        spec = SearchSpec(metric=m["metric"], dim_in=m["code_bits"] if m["metric"] == "hamming" else m["dim"], ann=m.get("ann", "flat"))
+    folder = Path(folder)
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"index": str(folder), "count": m["count"], "dim": m["dim"], "searched_dim": spec.search_dim if spec.metric == "cosine" else None,
+            "metric": m["metric"], "codec": spec.codec if spec.metric == "cosine" else "binary", "ann": spec.ann,
+            "bytes_per_image": spec.bytes_per_image, "file_bytes": files, "total_bytes": sum(files.values())}

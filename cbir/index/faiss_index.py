@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..errors import CbirError, IndexMismatch
+from .store import write_faiss
 
 #: Upper bound on the bytes of one chunk's (queries x k) results.
 CHUNK_BYTES = 256 * 1024 * 1024
@@ -122,8 +123,6 @@ class CosineIndex(_Base):
         return self.index.search(l2_normalise(q, "query descriptor"), k)
 
     def save(self, path: os.PathLike) -> None:
-        from .store import write_faiss
-
         write_faiss(self.index, path)
 
     @classmethod
@@ -157,8 +156,6 @@ class HammingIndex(_Base):
         return 1.0 - d.astype(np.float32) / self.dim, i
 
     def save(self, path: os.PathLike) -> None:
-        from .store import write_faiss
-
         write_faiss(self.index, path, binary=True)
 
     @classmethod

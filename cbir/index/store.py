@@ -629,21 +629,6 @@ def open_checked(folder: os.PathLike, name: str, manifest: Dict[str, Any], opene
         raise damaged(folder, name, f"unreadable: {first}", manifest) from None
 
 
-def index_summary(m: Dict[str, Any], folder: os.PathLike) -> Dict[str, Any]:
-    """What ``cbir index info --json`` leads with: sizes of the search structure and of the files."""
-    from .backend import SearchSpec
-
-    if m.get("search"):
-        spec = SearchSpec.from_json(m["search"])
-    else:  # before codecs: flat float32 or flat binary, no ids stored in faiss
-        spec = SearchSpec(metric=m["metric"], dim_in=m["code_bits"] if m["metric"] == "hamming" else m["dim"], ann=m.get("ann", "flat"))
-    folder = Path(folder)
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-    return {"index": str(folder), "count": m["count"], "dim": m["dim"], "searched_dim": spec.search_dim if spec.metric == "cosine" else None,
-            "metric": m["metric"], "codec": spec.codec if spec.metric == "cosine" else "binary", "ann": spec.ann,
-            "bytes_per_image": spec.bytes_per_image, "file_bytes": files, "total_bytes": sum(files.values())}
-
-
 # ----------------------------------------------------------------------------- manifest schema
 
 
@@ -710,12 +695,9 @@ def validate_manifest(m: Any, p: Path) -> Dict[str, Any]:
         removed = search.get("removed", [])
         if not isinstance(removed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in removed):
             raise _fail(p, "search.removed must be a list of image ids")
-        from .backend import SearchSpec
-
-        try:
-            SearchSpec.from_json(search)
-        except (CbirError, TypeError, ValueError) as e:
-            raise _fail(p, f"search: {e}") from None
+        for k, allowed in (("codec", ("float32", "float16", "sq8", "pq")), ("ann", ANNS)):
+            if search.get(k) not in allowed:
+                raise _fail(p, f"search.{k} must be one of {allowed}")
     if "next_id" in m and (isinstance(m["next_id"], bool) or not isinstance(m["next_id"], int) or m["next_id"] < 0):
         raise _fail(p, "'next_id' must be a non-negative integer")
     files = m.get("files")
