@@ -32,6 +32,8 @@ STATE_FILE = "extractor.h5"
 #: local features stored for re-ranking: the 1024 strongest keypoints at up to 1024 px (re-ranking matches
 #: the 512 strongest by default; see cbir.local.rerank)
 LOCAL_DEFAULTS: Dict[str, Any] = {"max_keypoints": 1024, "max_side": 1024}
+#: bytes of rows the final write holds at once (features.h5 and the faiss index are written chunk by chunk)
+FINAL_CHUNK_BYTES = 64 << 20
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -254,12 +256,11 @@ def _build_locked(
 
     # -- rows: reuse what is done
     segments = store.RowSegments(work / "rows", key)
-    prev, bad = segments.read()
+    _, prev_at, bad = segments.locate()  # names, sizes and mtimes only: no descriptor is read here
     if bad:
         say(f"note: {len(bad)} unreadable segment(s) in {work / 'rows'} (an interrupted write); their images are extracted again")
     done: Dict[str, Tuple[int, float]] = {}
-    if prev:
-        done = {n: (int(s), float(m)) for n, s, m in zip(prev["names"], prev["file_size"], prev["file_mtime"])}
+    done = {n: (sz, mt) for n, (_, _, sz, mt) in prev_at.items()}
     failures: List[Dict[str, str]] = []
     want = {e.name: e for e in entries}
     # rows of the existing index with the same extractor, file size and mtime
@@ -385,43 +386,56 @@ def _build_locked(
 
     # -- finalise into a fresh folder, then move it into place
     t0 = time.time()
-    rows, _ = segments.read()
-    if not rows:
+    # streamed from the row segments: memory holds one chunk of rows and the training sample, never all N
+    seg_files, loc, _ = segments.locate()
+    names = [e.name for e in entries if e.name in loc]
+    if not names:
         raise CbirError(f"no image could be read ({len(failures)} failure(s)); no index written")
-    pos = {n: j for j, n in enumerate(rows["names"])}
-    order = [pos[e.name] for e in entries if e.name in pos]
-    if not order:
-        raise CbirError("no image could be read; no index written")
-    raw = rows["raw"][order]
-    if ext.needs_post_fit:
-        ext.fit_post(raw)
-    final = ext.post(raw)
+    n = len(names)
+
+    def raw_of(sel: Sequence[int]) -> np.ndarray:
+        return store.RowSegments.gather(seg_files, [loc[names[i]][:2] for i in sel])
+
+    sample = _sample_rows(n)
+    if ext.needs_post_fit:  # the post transform (hash centre, whitening) is learned on the sample (all rows up to 200k)
+        ext.fit_post(raw_of(sample))
     commit = store.fresh_folder(work / "commit")
-    names = [rows["names"][j] for j in order]
-    paths = [str(want[n].path.resolve()) for n in names]
-    labels = [want[n].label for n in names]
-    sizes = [int(rows["file_size"][j]) for j in order]
-    mtimes = [float(rows["file_mtime"][j]) for j in order]
-    codes = ext.encode(final) if ext.binary else None
-    extra = {}
-    if ext.needs_post_fit:
-        extra["raw"] = raw.astype(np.float32)  # what a later rebuild re-fits the post transform on
-    if codes is not None:
-        extra["codes"] = codes
-    # features.h5 + the faiss file (a flat index holds one more copy of the vectors), before writing a byte
-    need = final.size * 4 + sum(v.nbytes for v in extra.values()) + (codes.nbytes if codes is not None else final.size * 4)
-    store.check_space(commit, need + 200 * len(names) + (1 << 20), "the index")
-    extra["ids"] = np.arange(len(names), dtype=np.int64)
-    store.write_features(commit / store.FEATURES, store.Rows(names, paths, labels, sizes, mtimes, final.astype(np.float32)), extra)
-    metric = "hamming" if codes is not None else "cosine"
-    vectors = codes if codes is not None else final
-    spec = auto_spec(metric, codes.shape[1] * 8 if codes is not None else final.shape[1], len(names), ann=ann, **(search or {}))
+    first = ext.post(raw_of([0]))
+    d_final = int(first.shape[1])
+    metric = "hamming" if ext.binary else "cosine"
+    code_bytes = int(ext.encode(first).shape[1]) if ext.binary else 0
+    spec = auto_spec(metric, code_bytes * 8 if ext.binary else d_final, n, ann=ann, **(search or {}))
+    # features.h5 (+ raw rows a rebuild re-fits the post transform on) and the search structure, before writing a byte
+    row_bytes = 4 * d_final + code_bytes + (4 * int(getattr(ext, "raw_dim", d_final)) if ext.needs_post_fit else 0) + 300
+    store.check_space(commit, n * (row_bytes + int(spec.bytes_per_image)) + (1 << 20), "the index")
     backend = FaissBackend(spec)
-    backend.train(vectors[_fit_rows(len(vectors), spec)])
-    ids = np.arange(len(names), dtype=np.int64)
-    for a in range(0, len(ids), 65536):
-        backend.add(ids[a : a + 65536], vectors[a : a + 65536])
+    if not backend.is_trained:
+        fit = _fit_rows(n, spec)
+        f_raw = raw_of(fit)
+        f_final = ext.post(f_raw)
+        backend.train(ext.encode(f_final) if ext.binary else f_final)
+        del f_raw, f_final
+    labels = [want[nm].label for nm in names]
+    chunk = max(1, min(65536, FINAL_CHUNK_BYTES // max(1, row_bytes)))
+    with store.h5_writing(commit / store.FEATURES) as f:
+        w = store.FeatureWriter(f, d_final, "f4", key="descriptors")
+        for a in range(0, n, chunk):
+            sel = list(range(a, min(n, a + chunk)))
+            raw = raw_of(sel)
+            final = ext.post(raw).astype(np.float32)
+            codes = ext.encode(final) if ext.binary else None
+            part = names[a : a + len(sel)]
+            w.append(store.Rows(part, [str(want[nm].path.resolve()) for nm in part], labels[a : a + len(sel)],
+                                [loc[nm][2] for nm in part], [loc[nm][3] for nm in part], final))
+            ids = np.arange(a, a + len(sel), dtype=np.int64)
+            w.append_array("ids", ids)
+            if codes is not None:
+                w.append_array("codes", codes)
+            if ext.needs_post_fit:
+                w.append_array("raw", raw)
+            backend.add(ids, codes if codes is not None else final)
     backend.save(commit / store.FAISS_FILES[metric])
+    final = first  # the manifest's dimension
     st = ext.state()
     if st:
         save_state(commit / STATE_FILE, st)
@@ -458,6 +472,13 @@ def _build_locked(
     store.commit_folder(commit, out)
     shutil.rmtree(work, ignore_errors=True)
     return BuildReport(out=out, count=len(names), failures=failures, reused=reused, extracted=extracted, seconds=seconds, manifest=manifest)
+
+
+def _sample_rows(n: int, cap: int = 200_000) -> np.ndarray:
+    """All rows of a gallery up to ``cap``, else a seeded sample of ``cap`` rows (sorted)."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
 
 
 def _fit_rows(n: int, spec: SearchSpec, cap: int = 200_000) -> np.ndarray:

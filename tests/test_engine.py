@@ -256,3 +256,27 @@ def test_eval_without_any_evaluable_query_raises(small_set, tmp_path):
         evaluate(tmp_path / "idx", queries=q, progress=False)
     with pytest.raises(CbirError, match="cut-offs"):
         evaluate(tmp_path / "idx", ks=(0, 5), progress=False)
+
+
+def test_the_final_write_streams_rows_chunk_by_chunk(small_set, tmp_path, monkeypatch):
+    """Memory of the finalise step is one chunk of rows (and a training sample), never all N: with a 1-byte budget
+    every read of the row segments after the first holds one row, and the index is the same as written at once."""
+    import cbir.engine as engine
+
+    entries = read_file_list(small_set / "list.txt")
+    build_index(entries, tmp_path / "once", **COLOUR)
+    sizes = []
+    real = store.RowSegments.gather
+
+    def gather(files, locs):
+        sizes.append(len(locs))
+        return real(files, locs)
+
+    monkeypatch.setattr(store.RowSegments, "gather", staticmethod(gather))
+    monkeypatch.setattr(store.RowSegments, "read", lambda self: pytest.fail("the final write must not load every row"))
+    monkeypatch.setattr(engine, "FINAL_CHUNK_BYTES", 1)
+    build_index(entries, tmp_path / "streamed", **COLOUR)
+    assert max(sizes) == 1 and len(sizes) == 1 + len(entries)
+    a, b = Index(tmp_path / "once"), Index(tmp_path / "streamed")
+    np.testing.assert_array_equal(a.descriptors, b.descriptors)
+    assert list(a.names) == list(b.names)

@@ -239,6 +239,19 @@ class FeatureWriter:
     def __len__(self) -> int:
         return int(self.f["names"].shape[0])
 
+    def append_array(self, name: str, values: np.ndarray) -> None:
+        """Append rows to a resizable dataset ``name`` beside the row metadata (``ids``, ``codes``, ``raw``)."""
+        values = np.asarray(values)
+        if name not in self.f:
+            shape = values.shape[1:]
+            row_bytes = max(1, int(np.prod(shape)) * values.dtype.itemsize)
+            self.f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=values.dtype,
+                                  chunks=(max(1, min(4096, (1 << 20) // row_bytes)), *shape))
+        d = self.f[name]
+        n0 = d.shape[0]
+        d.resize((n0 + len(values), *d.shape[1:]))
+        d[n0:] = values
+
     def append(self, rows: Rows) -> None:
         n0 = len(self)
         n = len(rows.names)
@@ -282,6 +295,46 @@ class RowSegments:
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("part-*.h5"))
+
+    def locate(self) -> Tuple[List[Path], Dict[str, Tuple[int, int, int, float]], List[str]]:
+        """Where each image's row is, without reading any descriptor: ``(segment files, {name: (segment, row, file
+        size, mtime)}, unreadable segment names)``; a later segment supersedes an earlier one."""
+        h5py = _h5py()
+        files, where, bad = [], {}, []
+        for p in sorted(self.folder.glob("part-*.h5")):
+            try:
+                with h5py.File(p, "r") as f:
+                    if f.attrs.get("key") != self.key:
+                        continue
+                    names = [x.decode("utf-8") if isinstance(x, bytes) else x for x in f["names"][()]]
+                    sizes, mtimes = f["file_size"][()], f["file_mtime"][()]
+                    if f["raw"].shape[0] != len(names):
+                        raise KeyError("row count")
+            except (OSError, KeyError, ValueError):
+                bad.append(p.name)
+                continue
+            files.append(p)
+            for j, n in enumerate(names):
+                where[n] = (len(files) - 1, j, int(sizes[j]), float(mtimes[j]))
+        return files, where, bad
+
+    @staticmethod
+    def gather(files: Sequence[Path], locs: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """The ``raw`` rows at ``locs`` (segment, row), in that order; each segment file is opened once."""
+        h5py = _h5py()
+        locs = list(locs)
+        out: List[Optional[np.ndarray]] = [None] * len(locs)
+        by_seg: Dict[int, List[int]] = {}
+        for i, (sgm, _) in enumerate(locs):
+            by_seg.setdefault(sgm, []).append(i)
+        for sgm, idx in by_seg.items():
+            rows = sorted({locs[i][1] for i in idx})
+            with h5py.File(files[sgm], "r") as f:
+                block = f["raw"][rows]  # only these rows (h5py wants them increasing)
+            at = {r: k for k, r in enumerate(rows)}
+            for i in idx:
+                out[i] = block[at[locs[i][1]]]
+        return np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
     def read(self) -> Tuple[Dict[str, np.ndarray], List[str]]:
         """All rows of this key in write order (a later row of the same name supersedes an earlier one) and
