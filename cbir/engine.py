@@ -435,7 +435,6 @@ def _build_locked(
                 w.append_array("raw", raw)
             backend.add(ids, codes if codes is not None else final)
     backend.save(commit / store.FAISS_FILES[metric])
-    final = first  # the manifest's dimension
     st = ext.state()
     if st:
         save_state(commit / STATE_FILE, st)
@@ -452,7 +451,7 @@ def _build_locked(
         "created": store.now_iso(),
         "extractor": {**ext.identity(with_state=True), "key": key, "key_nostate": key_nostate},
         "kind": "binary" if ext.binary else "float",
-        "dim": int(final.shape[1]),
+        "dim": d_final,
         "code_bits": int(ext.code_bits) if ext.binary else None,
         "metric": metric,
         "faiss": store.FAISS_FILES[metric],

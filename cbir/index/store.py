@@ -336,22 +336,6 @@ class RowSegments:
                 out[i] = block[at[locs[i][1]]]
         return np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
-    def read(self) -> Tuple[Dict[str, np.ndarray], List[str]]:
-        """All rows of this key in write order (a later row of the same name supersedes an earlier one) and
-        the names of segments that could not be read."""
-        parts, bad = [], []
-        for p in sorted(self.folder.glob("part-*.h5")):
-            try:
-                rows, attrs = read_rows(p)
-            except (OSError, KeyError, ValueError):
-                bad.append(p.name)
-                continue
-            if attrs.get("key") == self.key:
-                parts.append(rows)
-        if not parts:
-            return {}, bad
-        return {k: np.concatenate([r[k] for r in parts]) for k in parts[0]}, bad
-
 
 def write_features(path: os.PathLike, rows: Rows, extra: Optional[Dict[str, np.ndarray]] = None) -> None:
     """Write a complete features file atomically: row metadata, ``descriptors`` and ``extra`` arrays (``codes``, ``raw``)."""
