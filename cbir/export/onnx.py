@@ -878,7 +878,7 @@ def check_onnx(spec: ExportSpec, path, threads: int = 0) -> Dict[str, Any]:
     import numpy as np
     import torch
 
-    from .runtime import Session
+    from ..runtime import Session
 
     sess = Session(path, threads=threads)
     report: Dict[str, Any] = {"inputs": [], "max_abs_diff": 0.0, "max_rel_diff": 0.0, "same_shapes": True}

@@ -1,9 +1,9 @@
-"""The ``runtime`` switch (``torch`` | ``onnx``), the cache of exported models and the onnxruntime sessions.
+"""The onnxruntime side of the ``runtime`` switch: the cache of exported models, the sessions and the runners.
 
-Which runtime a network uses: its conf key ``runtime`` when set, else the process default, which is
-``$CBIR_RUNTIME`` or ``torch`` until :func:`set_default_runtime` (the CLI's ``--runtime``) changes it. The runtime
-is never part of an extractor's identity: an index built with one runtime is queried with the other (the
-descriptors agree to float tolerance, see the README's "ONNX" section).
+The switch itself (which runtime a network uses) is :mod:`cbir.runtime`, the bottom floor; the runners below register
+themselves there by name (``pooled``, ``xfeat``, ``aliked``, ``disk``, ``lightglue``, ``loftr``), so the extractors
+and matchers ask for them without importing this floor. An index built with one runtime is queried with the other
+(the descriptors agree to float tolerance, see the README's "ONNX" section).
 
 With ``onnx``, a component asks :func:`cached_session` for the session of its model: the first use exports the model
 (see :mod:`cbir.export.onnx`) into the cache folder ``$CBIR_ONNX_CACHE`` (default ``~/.cache/cbir/onnx``) under a key
@@ -27,90 +27,14 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ..errors import CbirError
+from ..runtime import (RUNTIMES, Session, _threads, default_runtime, register_runner,  # noqa: F401 - re-exported
+                       require_onnxruntime, resolve_runtime, set_default_runtime)
 
-RUNTIMES = ("torch", "onnx")
-_DEFAULT: Optional[str] = None
 _SESSIONS: Dict[Any, "Session"] = {}
 _LOCK = threading.Lock()
 
 
-# ----------------------------------------------------------------------------- the switch
-
-
-def _check(name: str) -> str:
-    name = str(name).lower()
-    if name not in RUNTIMES:
-        raise CbirError(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
-    return name
-
-
-def default_runtime() -> str:
-    """The process default: :func:`set_default_runtime`'s value, else ``$CBIR_RUNTIME``, else ``torch``."""
-    return _check(_DEFAULT or os.environ.get("CBIR_RUNTIME") or "torch")
-
-
-def set_default_runtime(name: Optional[str]) -> None:
-    """Set the process default (``None``: back to ``$CBIR_RUNTIME`` / ``torch``); ``onnx`` checks onnxruntime now."""
-    global _DEFAULT
-    _DEFAULT = None if name is None else _check(name)
-    if _DEFAULT == "onnx":
-        require_onnxruntime()
-
-
-def resolve_runtime(value: Optional[str] = None) -> str:
-    """The runtime a component uses: its own ``value`` when set, else the process default."""
-    return _check(value) if value else default_runtime()
-
-
-def require_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise CbirError("--runtime onnx needs onnxruntime (and onnx to export): pip install 'cbir[onnx]'") from None
-    return onnxruntime
-
-
 # ----------------------------------------------------------------------------- sessions
-
-
-def _threads() -> int:
-    try:
-        import torch
-
-        return max(1, torch.get_num_threads())
-    except ImportError:  # pragma: no cover
-        return max(1, min(4, os.cpu_count() or 1))
-
-
-class Session:
-    """An onnxruntime CPU session: ``run({input: array}) -> [arrays]`` in the graph's output order."""
-
-    def __init__(self, path, threads: int = 0, spinning: bool = False) -> None:
-        ort = require_onnxruntime()
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads) or _threads()
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if not spinning:  # idle threads sleep: on a busy machine spinning ones steal the cores (README "Threads")
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.path = Path(path)
-        try:
-            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own types
-            raise CbirError(f"{path}: onnxruntime cannot load the model ({e})") from None
-        self.input_names = [i.name for i in self.sess.get_inputs()]
-        self.output_names = [o.name for o in self.sess.get_outputs()]
-
-    def run(self, feeds: Dict[str, Any]) -> List[np.ndarray]:
-        feeds = {k: np.ascontiguousarray(_np(v)) for k, v in feeds.items()}
-        return self.sess.run(None, feeds)
-
-
-def _np(x):
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def cache_dir() -> Path:
@@ -285,3 +209,8 @@ def loftr_match(matcher, image0, image1) -> Dict[str, np.ndarray]:
     sess = cached_session(ident, lambda: loftr_spec(matcher.net, ident))
     k0, k1, conf = sess.run({"image0": image0, "image1": image1})
     return {"keypoints0": k0, "keypoints1": k1, "confidence": conf}
+
+
+for _name, _fn in (("pooled", pooled_extract), ("xfeat", xfeat_detect), ("aliked", aliked_detect), ("disk", disk_detect),
+                   ("lightglue", lightglue_match), ("loftr", loftr_match)):
+    register_runner(_name, _fn)

@@ -11,7 +11,7 @@ import copy
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..errors import CbirError
-from .base import EXTRACTORS, Extractor, make_extractor
+from .base import EXTRACTORS, Extractor, Options, make_extractor
 
 #: what `cbir index build` uses when no --extractor is given
 DEFAULT_EXTRACTOR = "fused"
@@ -26,41 +26,27 @@ HEAD_BASE_PARTS = [
     {"name": "colour", "conf": {}, "weight": 1.0},
 ]
 
-_LOADED = False
+#: named configurations (hloc-style ``confs``): ``--extractor NAME`` picks an extractor with a whole conf; the index
+#: records the extractor and the conf, not the name (a renamed or edited entry never changes a built index).
+CONFS: Dict[str, Dict[str, Any]] = {
+    # ImageNet MobileNetV2, last block average-pooled: the pooled part of the default `fused`
+    "mnv2-gap": {"extractor": "pooled", "conf": {"backbone": "mobilenet_v2", "pool": "gap"}},
+    # the same with GeM over two scales (0.707 for large objects seen closer)
+    "mnv2-gem-ms": {"extractor": "pooled", "conf": {"backbone": "mobilenet_v2", "pool": "gem", "scales": [1.0, 0.707]}},
+    # ALIKED-n16's feature maps, GeM: a weak global ranking that re-ranking has to repair (issue 13's bar)
+    "aliked-gem": {"extractor": "pooled", "conf": {"backbone": "aliked-n16"}},
+    # 1,280-bit mean-hash codes of mnv2-gap
+    "mnv2-hash": {"extractor": "hash", "conf": {"base": "pooled", "base_conf": {"backbone": "mobilenet_v2", "pool": "gap"}}},
+}
 
 
 def load_all() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    from . import colour, fused, hashing, pooled, semantic, vlad  # noqa: F401  (registration)
+    EXTRACTORS.load()
 
 
 def names():
-    load_all()
-    return EXTRACTORS.names()
-
-
-def _abs(path: str) -> str:
-    """Paths go into index configs absolute, so an index can be queried from any working directory."""
-    import os
-
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def _pooled_opts(backbone, weights, pool, scales) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    if backbone is not None:
-        prefix, sep, arg = backbone.partition(":")
-        out["backbone"] = f"{prefix}:{_abs(arg)}" if sep and prefix.endswith("-jit") else backbone
-    if weights is not None:
-        out["weights"] = _abs(weights)
-    if pool is not None:
-        out["pool"] = pool
-    if scales is not None:
-        out["scales"] = [float(s) for s in scales]
-    return out
+    """The extractors and the named configurations of :data:`CONFS`."""
+    return EXTRACTORS.names() + sorted(CONFS)
 
 
 def configure(
@@ -74,49 +60,31 @@ def configure(
     extra: Optional[Dict[str, Any]] = None,
     fused_parts: Optional[list] = None,
 ) -> Tuple[str, Dict[str, Any]]:
-    """(name, conf) for ``name`` with the common options put where that extractor keeps them.
+    """(name, conf) for ``name`` with the common options put where that extractor keeps them (each kind's
+    :meth:`~cbir.extractors.base.Extractor.conf_from_options`), then a named conf's or the caller's ``extra`` keys.
 
+    ``name`` is an extractor (``pooled``, ``fused``, ...) or a named conf of :data:`CONFS` (``mnv2-gem``, ...).
     ``fused_parts`` replaces the default parts of ``fused`` (``cbir train`` uses :data:`HEAD_BASE_PARTS`).
     """
-    load_all()
     name = name or DEFAULT_EXTRACTOR
-    EXTRACTORS.get(name)  # unknown names fail here, listing the known ones
-    popts = _pooled_opts(backbone, weights, pool, scales)
-    conf: Dict[str, Any] = {}
-    if name == "pooled":
-        conf.update(popts)
-    elif name == "fused":
-        if popts or fused_parts is not None:
-            from .fused import DEFAULT_PARTS
-
-            parts = copy.deepcopy(fused_parts if fused_parts is not None else DEFAULT_PARTS)
-            for p in parts:
-                if p["name"] == "pooled":
-                    p["conf"] = {**p.get("conf", {}), **popts}
-            conf["parts"] = parts
-    elif name == "hash":
-        b = base or "fused"
-        conf["base"] = b
-        conf["base_conf"] = configure(b, backbone, weights, head, pool, scales)[1]
-    elif name == "semantic":
-        if head is None and backbone is not None:  # a classifier network: the softmax of its logits (seed 003)
-            if pool is not None or scales is not None:
-                raise CbirError("--extractor semantic with --backbone uses the classifier's softmax; drop --pool/--scales")
-            conf.update({k: v for k, v in popts.items() if k in ("backbone", "weights")})
-        elif head is None:
-            raise CbirError("--extractor semantic needs --head FILE (train one with `cbir train`) or a classifier "
-                            "--backbone (paddle-jit:PREFIX, or paddle:mobilenet_v2 / mobilenet_v2 with --weights)")
-        else:
-            conf["head"] = head
-            if popts:
-                raise CbirError("--extractor semantic takes its backbone from the head file; drop --backbone/--weights/--pool/--scales")
-    elif popts and name != "vlad":
-        raise CbirError(f"--extractor {name} has no backbone options")
+    named = CONFS.get(name)
+    if named is not None:
+        given = [f"--{k}" for k, v in (("backbone", backbone), ("weights", weights), ("head", head), ("pool", pool), ("scales", scales),
+                                      ("base", base)) if v is not None]
+        if given:
+            raise CbirError(f"--extractor {name} is a named configuration ({named['extractor']} with {named['conf']}); drop "
+                            f"{', '.join(given)} or use --extractor {named['extractor']} with your options")
+        return named["extractor"], {**copy.deepcopy(named["conf"]), **(extra or {})}
+    if name not in EXTRACTORS:
+        raise CbirError(f"unknown extractor {name!r}; choose one of: {', '.join(names())}")
+    cls = EXTRACTORS.get(name)
     if head is not None and name != "semantic" and not (name == "hash" and base == "semantic"):
         raise CbirError("--head is only for --extractor semantic")
-    if extra:
-        conf.update(extra)
+    if base is not None and name != "hash":
+        raise CbirError("--base is only for --extractor hash")
+    conf = cls.conf_from_options(Options(backbone, weights, head, pool, scales, base, fused_parts))
+    conf.update(extra or {})
     return name, conf
 
 
-__all__ = ["EXTRACTORS", "Extractor", "make_extractor", "configure", "names", "DEFAULT_EXTRACTOR"]
+__all__ = ["EXTRACTORS", "Extractor", "Options", "make_extractor", "configure", "names", "DEFAULT_EXTRACTOR", "CONFS"]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
 from ..errors import CbirError
 from ..registry import Registry
 
-EXTRACTORS: Registry = Registry("extractor")
+EXTRACTORS: Registry = Registry("extractor", plugins=[f"cbir.extractors.{m}" for m in ("colour", "fused", "hashing", "pooled", "semantic", "vlad")])
 
 
 def canonical_json(obj: Any) -> str:
@@ -32,6 +34,38 @@ def arrays_digest(arrays: Dict[str, np.ndarray]) -> Optional[str]:
         h.update(str(a.dtype).encode() + str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
+
+
+@dataclass
+class Options:
+    """The common extractor options of the command line, as given (None: not given)."""
+
+    backbone: Optional[str] = None
+    weights: Optional[str] = None
+    head: Optional[str] = None
+    pool: Optional[str] = None
+    scales: Optional[Sequence[float]] = None
+    base: Optional[str] = None
+    fused_parts: Optional[list] = None
+
+    @property
+    def pooled(self) -> Dict[str, Any]:
+        """The options a pooled backbone takes (paths made absolute: an index is queried from any directory)."""
+        out: Dict[str, Any] = {}
+        if self.backbone is not None:
+            prefix, sep, arg = self.backbone.partition(":")
+            out["backbone"] = f"{prefix}:{_abs(arg)}" if sep and prefix.endswith("-jit") else self.backbone
+        if self.weights is not None:
+            out["weights"] = _abs(self.weights)
+        if self.pool is not None:
+            out["pool"] = self.pool
+        if self.scales is not None:
+            out["scales"] = [float(x) for x in self.scales]
+        return out
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 class Extractor:
@@ -55,6 +89,14 @@ class Extractor:
     binary: ClassVar[bool] = False
     needs_fit: bool = False
     needs_post_fit: bool = False
+
+    @classmethod
+    def conf_from_options(cls, opts: "Options") -> Dict[str, Any]:
+        """This extractor's conf for the command line's common options (``--backbone``, ``--weights``, ``--pool``,
+        ``--scales``, ``--head``, ``--base``): each kind says where they go, so the CLI needs no if-chain."""
+        if opts.pooled:
+            raise CbirError(f"--extractor {cls.name} has no backbone options (--backbone, --weights, --pool, --scales)")
+        return {}
 
     def __init__(self, conf: Optional[Dict[str, Any]] = None) -> None:
         conf = dict(conf or {})
@@ -138,7 +180,4 @@ def l2n(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 def make_extractor(name: str, conf: Optional[Dict[str, Any]] = None) -> Extractor:
     """Build a registered extractor by name (``pooled``, ``semantic``, ``hash``, ``vlad``, ``colour``, ``fused``)."""
-    from . import load_all
-
-    load_all()
     return EXTRACTORS.get(name)(conf)

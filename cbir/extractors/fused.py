@@ -6,7 +6,8 @@ L2-normalised, so its cosine similarity is the w-weighted mean of the parts' cos
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+import copy
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -31,6 +32,18 @@ class FusedExtractor(Extractor):
     name = "fused"
     #: ``whiten``: PCA-whitening of the fused vector, learned on the gallery (whitening.py); null: off
     default_conf = {"parts": DEFAULT_PARTS, "max_side": 512, "whiten": None}
+
+    @classmethod
+    def conf_from_options(cls, opts) -> Dict[str, Any]:
+        """The backbone options go to the pooled part(s); ``fused_parts`` replaces the default parts."""
+        popts = opts.pooled
+        if not popts and opts.fused_parts is None:
+            return {}
+        parts = copy.deepcopy(opts.fused_parts if opts.fused_parts is not None else DEFAULT_PARTS)
+        for p in parts:
+            if p["name"] == "pooled":
+                p["conf"] = {**p.get("conf", {}), **popts}
+        return {"parts": parts}
 
     def __init__(self, conf=None) -> None:
         super().__init__(conf)

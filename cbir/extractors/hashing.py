@@ -10,7 +10,8 @@ common component, and removing it lets each bit say how an image differs from th
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+import dataclasses
+from typing import Any, Dict, Iterable, List
 
 import numpy as np
 
@@ -37,6 +38,12 @@ class HashExtractor(Extractor):
     name = "hash"
     binary = True
     default_conf = {"base": "fused", "base_conf": {}, "project": "center", "max_side": None}
+
+    @classmethod
+    def conf_from_options(cls, opts) -> Dict[str, Any]:
+        """The codes of a base extractor (``--base``, default fused): the other options are the base's."""
+        base = opts.base or "fused"
+        return {"base": base, "base_conf": EXTRACTORS.get(base).conf_from_options(dataclasses.replace(opts, base=None))}
 
     def __init__(self, conf=None) -> None:
         super().__init__(conf)

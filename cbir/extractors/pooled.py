@@ -72,6 +72,10 @@ class PooledExtractor(Extractor):
         "disk": ["down4", "desc"],
     }
 
+    @classmethod
+    def conf_from_options(cls, opts) -> Dict[str, Any]:
+        return opts.pooled
+
     def __init__(self, conf=None) -> None:
         super().__init__(conf)
         if self.conf["pool"] not in ("gem", "gap", "max"):
@@ -204,12 +208,10 @@ class PooledExtractor(Extractor):
         import torch
         import torch.nn.functional as F
 
-        from ..export.runtime import resolve_runtime
+        from ..runtime import resolve_runtime, runner
 
-        if resolve_runtime(self.conf["runtime"]) == "onnx":  # the same descriptor graph in onnxruntime
-            from ..export.runtime import pooled_extract
-
-            return pooled_extract(self, images)
+        if resolve_runtime(self.conf["runtime"]) == "onnx":  # the same descriptor graph in onnxruntime (cbir/export)
+            return runner("pooled")(self, images)
 
         out = np.zeros((len(images), self.raw_dim), np.float32)
         images = resize_to(images, self.conf["input_size"] or getattr(self.net, "input_size", None))

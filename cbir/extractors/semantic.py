@@ -134,6 +134,21 @@ class SemanticExtractor(Extractor):
                     "backbone": None, "weights": None, "backbone_conf": {}, "input_size": None}
     _NET_KEYS = ("backbone", "weights", "backbone_conf", "input_size")
 
+    @classmethod
+    def conf_from_options(cls, opts) -> Dict[str, Any]:
+        """A trained head (``--head FILE``), or a classifier network's softmax (``--backbone``, seed 003)."""
+        popts = opts.pooled
+        if opts.head is None and opts.backbone is not None:
+            if opts.pool is not None or opts.scales is not None:
+                raise CbirError("--extractor semantic with --backbone uses the classifier's softmax; drop --pool/--scales")
+            return {k: v for k, v in popts.items() if k in ("backbone", "weights")}
+        if opts.head is None:
+            raise CbirError("--extractor semantic needs --head FILE (train one with `cbir train`) or a classifier "
+                            "--backbone (paddle-jit:PREFIX, or paddle:mobilenet_v2 / mobilenet_v2 with --weights)")
+        if popts:
+            raise CbirError("--extractor semantic takes its backbone from the head file; drop --backbone/--weights/--pool/--scales")
+        return {"head": opts.head}
+
     def __init__(self, conf=None) -> None:
         super().__init__(conf)
         self._net = None

@@ -760,3 +760,18 @@ def unique_names(names: Sequence[str]) -> None:
         if n in seen:
             raise CbirError(f"image {n!r} appears twice in the list")
         seen.add(n)
+
+
+def save_state(path: os.PathLike, arrays: Dict[str, np.ndarray], attrs: Optional[dict] = None) -> None:
+    """An extractor's learned state (codebooks, whitening, hash centre) as an HDF5 file of arrays (atomic)."""
+    write_arrays(path, arrays, attrs)
+
+
+def load_state_file(path: os.PathLike) -> Dict[str, np.ndarray]:
+    """The arrays of a state file written by :func:`save_state`, by their HDF5 paths."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        out: Dict[str, np.ndarray] = {}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return out

@@ -19,17 +19,10 @@ from typing import Any, List, Optional
 
 from .base import EXTRACTORS, MATCHERS, Extractor, Matcher, check_combination
 
-_PLUGINS = ("sift", "aliked", "disk", "xfeat", "superpoint", "delf", "mnn", "lightglue", "superglue", "loftr")
-_loaded = False
-
-
 def load_plugins() -> None:
     """Import every plugin module so that the registries are complete."""
-    global _loaded
-    if not _loaded:
-        for mod in _PLUGINS:
-            importlib.import_module(f"{__name__}.{mod}")
-        _loaded = True
+    EXTRACTORS.load()
+    MATCHERS.load()
 
 
 def extractor_names() -> List[str]:

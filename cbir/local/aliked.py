@@ -63,7 +63,9 @@ class ALIKED(Extractor):
 
         h, w = image.shape[:2]
         if uses_onnx(self.conf):  # dense maps in onnxruntime, DKD and the descriptor head in torch (cbir/export)
-            from ..export.runtime import aliked_detect
+            from ..runtime import runner
+
+            aliked_detect = runner("aliked")
 
             out = aliked_detect(self, image_tensor(image))
         else:

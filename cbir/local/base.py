@@ -29,9 +29,11 @@ Matches = Dict[str, np.ndarray]
 Correspondences = Dict[str, np.ndarray]
 
 #: local feature extractors by name (``sift``, ``aliked``, ...); factories take ``weights=``, ``device=``, ``**conf``
-EXTRACTORS: Registry = Registry("local feature")
+#: the modules that register local features and matchers (imported on first lookup)
+PLUGINS = tuple(f"cbir.local.{m}" for m in ("sift", "aliked", "disk", "xfeat", "superpoint", "delf", "mnn", "lightglue", "superglue", "loftr"))
+EXTRACTORS: Registry = Registry("local feature", plugins=PLUGINS)
 #: matchers by name (``mnn``, ``lightglue``, ...); factories take ``features=``, ``weights=``, ``device=``, ``**conf``
-MATCHERS: Registry = Registry("matcher")
+MATCHERS: Registry = Registry("matcher", plugins=PLUGINS)
 
 FEATURE_KEYS = ("keypoints", "descriptors", "scores", "image_size")
 
@@ -207,7 +209,7 @@ def _identity_conf(conf: Mapping[str, Any]) -> Dict[str, Any]:
 
 def uses_onnx(conf: Mapping[str, Any]) -> bool:
     """Whether a network with configuration ``conf`` runs in onnxruntime (its ``runtime``, else the process default)."""
-    from ..export.runtime import resolve_runtime
+    from ..runtime import resolve_runtime
 
     return resolve_runtime(conf.get("runtime")) == "onnx"
 
@@ -215,9 +217,6 @@ def uses_onnx(conf: Mapping[str, Any]) -> bool:
 def check_combination(features: Optional[str], matcher) -> None:
     """Raise a clear :class:`CbirError` when ``matcher`` (a name or class) cannot match ``features``."""
     if isinstance(matcher, str):
-        from . import load_plugins
-
-        load_plugins()
         cls = MATCHERS.get(matcher)
     else:
         cls = matcher

@@ -48,7 +48,9 @@ class DISK(Extractor):
         n = int(self.conf["max_keypoints"])
         with torch.inference_mode():
             if uses_onnx(self.conf):  # the U-Net in onnxruntime, detection in torch (cbir/export)
-                from ..export.runtime import disk_detect
+                from ..runtime import runner
+
+                disk_detect = runner("disk")
 
                 out = disk_detect(self, image_tensor(image), n if n > 0 else None, int(self.conf["nms_window_size"]),
                                   float(self.conf["detection_threshold"]))

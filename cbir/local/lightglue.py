@@ -96,7 +96,9 @@ class _KorniaLightGlue(SparseMatcher):
 
         data = {"image0": self._tensors(feats0), "image1": self._tensors(feats1)}
         if uses_onnx(self.conf):  # the fixed graph: every layer, no point pruning (cbir/export)
-            from ..export.runtime import lightglue_match
+            from ..runtime import runner
+
+            lightglue_match = runner("lightglue")
 
             m, s = lightglue_match(self, data)
             return {"matches": m, "scores": s}

@@ -76,7 +76,9 @@ class LoFTRMatcher(DenseMatcher):
 
     def match(self, image0: np.ndarray, image1: np.ndarray) -> Correspondences:
         if uses_onnx(self.conf):  # the whole matcher in onnxruntime (cbir/export)
-            from ..export.runtime import loftr_match
+            from ..runtime import runner
+
+            loftr_match = runner("loftr")
 
             out = loftr_match(self, self._tensor(image0), self._tensor(image1))
             return {"keypoints0": out["keypoints0"].reshape(-1, 2) - 0.5, "keypoints1": out["keypoints1"].reshape(-1, 2) - 0.5,

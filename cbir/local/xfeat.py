@@ -43,7 +43,9 @@ class XFeat(Extractor):
 
         h, w = image.shape[:2]
         if uses_onnx(self.conf):  # the network in onnxruntime, kornia's detection around it (cbir/export)
-            from ..export.runtime import xfeat_detect
+            from ..runtime import runner
+
+            xfeat_detect = runner("xfeat")
 
             out = xfeat_detect(self, image_tensor(image))
         else:

@@ -1,0 +1,529 @@
+"""The build stage: a file list in, an index folder out (resumable, atomic, memory bounded by the batch).
+
+    report = build_index(entries, "indexes/corel1k", extractor="fused")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import __version__
+from .data import Entry, batches as _batches, dedupe, file_stat as _stat, iter_decoded
+from .errors import CbirError, DecodeError
+from .extractors import DEFAULT_EXTRACTOR
+from .extractors.base import Extractor, make_extractor
+from .index import store
+from .index.backend import FaissBackend, SearchSpec, auto_spec
+from .index.store import STATE_FILE
+from .progress import bar as _progress, log as _log
+
+PathLike = Union[str, os.PathLike]
+#: local features stored for re-ranking: the 1024 strongest keypoints at up to 1024 px (re-ranking matches
+#: the 512 strongest by default; see cbir.local.rerank)
+LOCAL_DEFAULTS: Dict[str, Any] = {"max_keypoints": 1024, "max_side": 1024}
+#: bytes of rows the final write holds at once (features.h5 and the faiss index are written chunk by chunk)
+FINAL_CHUNK_BYTES = 64 << 20
+
+
+def resolve_extractor(extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR, conf: Optional[Dict[str, Any]] = None) -> Extractor:
+    return extractor if isinstance(extractor, Extractor) else make_extractor(extractor, conf or {})
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    count: int
+    failures: List[Dict[str, str]]
+    reused: int
+    extracted: int
+    seconds: Dict[str, float]
+    manifest: Dict[str, Any] = field(default_factory=dict)
+
+
+def _fit_sample(entries: Sequence[Entry], n: int, seed: int = 0) -> List[Entry]:
+    if len(entries) <= n:
+        return list(entries)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(entries), n, replace=False))
+    return [entries[i] for i in idx]
+
+
+def build_index(
+    entries: Sequence[Entry],
+    out: PathLike,
+    extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR,
+    conf: Optional[Dict[str, Any]] = None,
+    roots: Sequence[PathLike] = (),
+    **options: Any,
+) -> BuildReport:
+    """Extract descriptors of ``entries`` and write an index folder ``out``.
+
+    ``out`` must be new, an empty folder or a cbir index (replaced as a whole when the new one is complete);
+    anything else (a folder with other files, the gallery, the working folder, a file) is refused before any
+    work, and a second build into the same ``out`` stops at once (lock). ``roots``: gallery root folders
+    that must not be replaced. Disk-full and read-only targets stop with a one-line error, keeping the work
+    done so far for a resumed build. ``options``: see :func:`_build_locked`.
+    """
+    entries = list(entries)
+    out = store.check_out(out, images=[e.path for e in entries], roots=roots)
+    work = store.partial_dir(out)
+    store.claim_work(work, out)
+    with store.BuildLock(work, out):
+        try:
+            return _build_locked(entries, out, extractor=extractor, conf=conf, **options)
+        except store.WriteError as e:
+            shutil.rmtree(work / "commit", ignore_errors=True)  # a half-written final folder: made again from the rows
+            kept = store.folder_bytes(work)
+            done = work.exists() and (any((work / "rows").glob("part-*.h5")) or (work / STATE_FILE).is_file())
+            note = (f"; the work done so far ({kept / 1e6:.1f} MB) is kept in {work}: run the same command again to resume"
+                    if done else "")
+            raise store.WriteError(f"{e}{note}") from None
+
+
+@dataclass
+class _Build:
+    """What the phases of one build share: the entries, the folders, the extractor and the running tallies."""
+
+    entries: List[Entry]
+    out: Path
+    work: Path
+    ext: Extractor
+    say: Callable[[str], None]
+    progress: bool
+    strict: bool
+    workers: int
+    want: Dict[str, Entry] = field(default_factory=dict)
+    key_nostate: str = ""
+    key: str = ""
+    old_manifest: Optional[Dict[str, Any]] = None
+    old_same: bool = False
+    failures: List[Dict[str, str]] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    def fail(self, e: Entry, cause: str, pb=None, what: Optional[str] = None) -> None:
+        """An image left out (reported), or with ``strict`` the end of the build (work kept for a resume)."""
+        if self.strict:
+            raise CbirError(f"--strict: {what or f'{e.path}: {cause}'} (no index written; work kept in {self.work} for a resumed build)")
+        self.failures.append({"path": str(e.path), "name": e.name, "cause": cause})
+        _log(f"skipped {e.path}: {cause}", pb)
+
+
+def _build_locked(
+    entries: Sequence[Entry],
+    out: PathLike,
+    extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR,
+    conf: Optional[Dict[str, Any]] = None,
+    strict: bool = False,
+    batch_size: int = 16,
+    workers: int = 2,
+    ann: str = "auto",
+    search: Optional[Dict[str, Any]] = None,
+    progress: bool = True,
+    dataset: Optional[Dict[str, Any]] = None,
+    label_names: Optional[Dict[str, str]] = None,
+    local: Optional[str] = None,
+    local_conf: Optional[Dict[str, Any]] = None,
+    log: Callable[[str], None] = None,
+    ray: Optional[str] = None,
+) -> BuildReport:
+    """The build itself, with ``out`` checked and its work folder locked by :func:`build_index`, phase by phase:
+    :func:`_open_work`, :func:`_fit_state`, :func:`_reuse_rows`, :func:`_open_local`, :func:`_extract`,
+    :func:`_fill_local`, :func:`_write_index`.
+
+    Resumable: rows already extracted into ``out.partial`` (an interrupted run) or present in an
+    existing index at ``out`` with the same extractor and the same file size and mtime are reused.
+    Bad images are reported and skipped, or with ``strict`` the build stops at the first one and
+    writes no index. The folder appears complete or not at all. ``ray``: extract on a Ray cluster
+    (``auto`` or an address, :mod:`cbir.distributed`); everything else runs here.
+    """
+    t_start = time.time()
+    b = _open_work(entries, Path(out), resolve_extractor(extractor, conf), log, progress, strict, workers)
+    _fit_state(b)
+    segments, done, stale, todo, reused = _reuse_rows(b)
+    local_ext, local_writer = _open_local(b, local, local_conf, stale)
+    _check_space(b, todo)
+    t0 = time.time()
+    try:
+        extracted = _extract(b, todo, segments, local_ext, local_writer, batch_size, ray)
+        if local_writer is not None:
+            _fill_local(b, local_ext, local_writer, [b.want[n] for n in b.want if n in done and n not in stale])
+    finally:
+        if local_writer is not None:
+            local_writer.close()
+    b.seconds["extract"] = round(time.time() - t0, 3)
+    manifest = _write_index(b, segments, ann, search, local, local_ext, dataset, label_names, t_start)
+    shutil.rmtree(b.work, ignore_errors=True)
+    return BuildReport(out=b.out, count=manifest["count"], failures=b.failures, reused=reused, extracted=extracted,
+                       seconds=b.seconds, manifest=manifest)
+
+
+def _open_work(entries: Sequence[Entry], out: Path, ext: Extractor, log, progress: bool, strict: bool, workers: int) -> _Build:
+    """Phase 1: the entries (deduplicated) and the work folder, kept only when the same extractor made it."""
+    say = log or (lambda m: _log(m))
+    entries, dups = dedupe(entries)
+    if dups:
+        say(f"warning: {len(dups)} duplicate name(s) in the list skipped, e.g. {dups[0]}")
+    if not entries:
+        raise CbirError("nothing to index: the list is empty")
+    b = _Build(entries=entries, out=out, work=store.partial_dir(out), ext=ext, say=say, progress=progress, strict=strict,
+               workers=workers, want={e.name: e for e in entries}, key_nostate=ext.key(with_state=False))
+    wmeta_path = b.work / "work.json"
+    try:
+        wmeta = json.loads(wmeta_path.read_text())
+    except (OSError, ValueError):
+        wmeta = None
+    if not isinstance(wmeta, dict) or wmeta.get("key") != b.key_nostate:
+        if wmeta is not None:
+            say(f"note: {b.work} holds work of another extractor; starting afresh")
+        store.clear_work(b.work)
+    store.write_json_atomic({"key": b.key_nostate, "identity": ext.identity(with_state=False)}, wmeta_path)
+    if (out / store.MANIFEST).is_file():
+        try:
+            b.old_manifest = store.read_manifest(out)
+        except CbirError:
+            b.old_manifest = None
+    b.old_same = b.old_manifest is not None and b.old_manifest.get("extractor", {}).get("key_nostate") == b.key_nostate
+    return b
+
+
+def _fit_state(b: _Build) -> None:
+    """Phase 2: the extractor's learned state (codebook...): from the work folder, else the old index, else fit on a sample."""
+    t0 = time.time()
+    ext, work, out, say = b.ext, b.work, b.out, b.say
+    if ext.needs_fit:
+        def reuse(path: Path, folder: Path, manifest: Optional[dict], pre_post: bool) -> bool:
+            try:
+                arrays = (store.open_checked(folder, STATE_FILE, manifest, store.load_state_file) if manifest
+                          else store.load_state_file(path))
+                ext.load_state(_pre_post_state(arrays, ext) if pre_post else arrays)
+                return True
+            except (CbirError, OSError, KeyError, ValueError) as e:
+                say(f"note: {path}: learned state not reused ({e}); learning it again")
+                return False
+
+        if (work / STATE_FILE).is_file() and reuse(work / STATE_FILE, work, None, False):
+            pass
+        elif b.old_same and (out / STATE_FILE).is_file() and reuse(out / STATE_FILE, out, b.old_manifest, True):
+            store.save_state(work / STATE_FILE, ext.state())
+        else:
+            sample = _fit_sample(b.entries, max(1, ext.fit_images))
+            bad_sample: List[DecodeError] = []
+
+            def sample_images():  # decoded lazily: the sample is never held in memory
+                for _, e, img in iter_decoded(sample, ext.max_side, workers=b.workers):
+                    if isinstance(img, DecodeError):
+                        bad_sample.append(img)
+                    else:
+                        yield img
+
+            try:
+                ext.fit(sample_images(), wrap=lambda it, desc: _progress(it, total=len(sample), desc=f"fit: {desc}", enabled=b.progress),
+                        n=len(sample))
+            except CbirError as e:
+                if len(bad_sample) == len(sample):
+                    raise CbirError(f"none of the {len(sample)} image(s) sampled to learn {ext.name}'s codebook could be read, "
+                                    f"e.g. {bad_sample[0]}") from None
+                raise
+            store.save_state(work / STATE_FILE, ext.state())
+    b.seconds["fit"] = round(time.time() - t0, 3)
+    b.key = ext.key(with_state=True)
+
+
+def _reuse_rows(b: _Build):
+    """Phase 3: the rows already done (work folder segments, rows of the old index for unchanged files) and the rest to do.
+
+    Returns ``(segments, done {name: (size, mtime)}, stale names, entries to extract, count reused)``."""
+    segments = store.RowSegments(b.work / "rows", b.key)
+    _, prev_at, bad = segments.locate()  # names, sizes and mtimes only: no descriptor is read here
+    if bad:
+        b.say(f"note: {len(bad)} unreadable segment(s) in {b.work / 'rows'} (an interrupted write); their images are extracted again")
+    done: Dict[str, Tuple[int, float]] = {n: (sz, mt) for n, (_, _, sz, mt) in prev_at.items()}
+    want, out, om = b.want, b.out, b.old_manifest
+    # rows of the existing index with the same extractor, file size and mtime, copied chunk by chunk
+    if b.old_same and om.get("extractor", {}).get("key") == b.key and (out / store.FEATURES).is_file():
+        try:
+            store.verify_file(out, store.FEATURES, om)
+            _copy_old_rows(out / store.FEATURES, segments, want, done)
+        except (CbirError, OSError, KeyError, ValueError) as e:
+            b.say(f"note: not reusing the rows of the existing index: {e}")
+    # rows of the work folder are only valid if the file did not change since
+    stale = [n for n, st in done.items() if n in want and _stat(want[n].path) != st]
+    todo = [e for e in b.entries if e.name not in done or e.name in stale]
+    reused = sum(1 for n in done if n in want and n not in stale)
+    if reused:
+        b.say(f"resuming: {reused} image(s) already extracted, {len(todo)} to go")
+    return segments, done, stale, todo, reused
+
+
+def _copy_old_rows(path: Path, segments, want: Dict[str, Entry], done: Dict[str, Tuple[int, float]]) -> None:
+    """Append to ``segments`` the rows of an old ``features.h5`` whose file is unchanged, reading it chunk by chunk."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["names"][()]]
+        size, mtime = f["file_size"][()], f["file_mtime"][()]
+        src = f["raw"] if "raw" in f else f["descriptors"]
+        take = [j for j, n in enumerate(names) if n in want and n not in done
+                and _stat(want[n].path) == (int(size[j]), float(mtime[j]))]
+        chunk = max(1, FINAL_CHUNK_BYTES // max(1, 4 * int(src.shape[1])))
+        for a in range(0, len(take), chunk):
+            sel = take[a : a + chunk]
+            vecs = src[sel].astype(np.float32)  # h5py point selection: increasing rows, one chunk in memory
+            segments.append(store.Rows([names[j] for j in sel], [str(want[names[j]].path) for j in sel], [want[names[j]].label for j in sel],
+                                       [int(size[j]) for j in sel], [float(mtime[j]) for j in sel], vecs))
+            for j in sel:
+                done[names[j]] = (int(size[j]), float(mtime[j]))
+
+
+def _open_local(b: _Build, local: Optional[str], local_conf: Optional[Dict[str, Any]], stale: Sequence[str]):
+    """Phase 4: the local-feature store of the work folder (re-ranking), with what the old index already has."""
+    if not local:
+        return None, None
+    from .local.store import LocalFeatureStore, make_local_extractor
+
+    local_ext = make_local_extractor(local, {**LOCAL_DEFAULTS, **(local_conf or {})})
+    path = b.work / "local.h5"
+    try:
+        writer = LocalFeatureStore(path, mode="a")
+    except CbirError:  # a file torn by a crash: its features are extracted again
+        b.say(f"note: {path} unreadable (an interrupted write); extracting local features again")
+        path.unlink()
+        writer = LocalFeatureStore(path, mode="a")
+    om = b.old_manifest
+    if om and (om.get("local") or {}).get("key") == local_ext.key() and (b.out / "local.h5").is_file():
+        writer.copy_from(b.out / "local.h5", [n for n in b.want if n not in stale])
+    return local_ext, writer
+
+
+def _check_space(b: _Build, todo: Sequence[Entry]) -> None:
+    """Stop before hours of extraction when the disk cannot hold the result (rows, then features + search structure)."""
+    try:
+        d_final, d_raw = int(b.ext.dim), int(getattr(b.ext, "raw_dim", b.ext.dim))
+    except Exception:  # noqa: BLE001 - a dimension known only after extraction: the writers report a full disk
+        return
+    store.check_space(b.work, len(todo) * (4 * d_raw + 300) + len(b.entries) * (8 * d_final + 300) + (1 << 20), f"{len(b.entries)} images")
+
+
+def _local_batches(b: _Build, todo: Sequence[Entry], decode_side: Optional[int], batch_size: int, pb):
+    """Decoded and described here: ``("rows", entries, images, raw)`` per batch, ``("error", entry, cause, text)`` per bad image."""
+    ext = b.ext
+    for kind, item in _batches(iter_decoded(todo, decode_side, workers=b.workers), batch_size):
+        if kind == "error":
+            _, e, err = item
+            yield "error", e, err.cause, str(err)
+            continue
+        try:
+            raw = ext.extract([shrink(img, ext.max_side) for _, _, img in item])
+        except CbirError:
+            raise
+        except Exception as exc:  # a network failure on one batch: retry one by one to name the image
+            raw = _extract_singly(ext, item, b.failures, b.strict, pb, exc)
+            item = [x for x, r in zip(item, raw) if r is not None]
+            raw = np.stack([r for r in raw if r is not None]) if item else None
+        if raw is not None:
+            yield "rows", [e for _, e, _ in item], [img for _, _, img in item], raw
+
+
+def _extract(b: _Build, todo: Sequence[Entry], segments, local_ext, local_writer, batch_size: int, ray: Optional[str] = None) -> int:
+    """Phase 5: describe the images to do into row segments (here, or on a Ray cluster), local features beside; the count."""
+    ext = b.ext
+    decode_side = _decode_side(ext.max_side, local_ext.max_side if local_ext is not None else ext.max_side)
+    pb = _progress(total=len(todo), desc=f"extract: {ext.name}" + (" (ray)" if ray else ""), enabled=b.progress)
+    extracted = 0
+    try:
+        if ray:
+            from .distributed import ray_rows
+
+            source = ((kind, *rest, None) if kind == "error" else (kind, rest[0], None, rest[1])
+                      for kind, *rest in ray_rows(todo, ext, address=ray, batch_size=batch_size, decode_side=decode_side, strict=b.strict))
+        else:
+            source = _local_batches(b, todo, decode_side, batch_size, pb)
+        for kind, items, imgs, raw in source:
+            if kind == "error":  # items: the entry, imgs: the cause, raw: the message
+                b.fail(items, imgs, pb, what=raw)
+                pb.update()
+                continue
+            norms = np.linalg.norm(raw, axis=1)
+            bad = ~np.isfinite(norms) | (norms < 1e-12)
+            for e in (e for e, x in zip(items, bad) if x):
+                b.fail(e, "descriptor is zero or not finite (a blank image without features?)", pb)
+            if bad.any():
+                items = [e for e, x in zip(items, bad) if not x]
+                imgs = [im for im, x in zip(imgs, bad) if not x] if imgs is not None else None
+                raw = raw[~bad]
+                if not items:
+                    continue
+            stats = [_stat(e.path) for e in items]
+            segments.append(store.Rows([e.name for e in items], [str(e.path) for e in items], [e.label for e in items],
+                                       [s for s, _ in stats], [m for _, m in stats], np.asarray(raw, np.float32)))
+            if local_ext is not None and imgs is not None:
+                for e, img in zip(items, imgs):
+                    _put_local(local_writer, local_ext, e, img, pb)
+                local_writer.flush()
+            extracted += len(items)
+            pb.update(len(items))
+    finally:
+        pb.close()
+    return extracted
+
+
+def _fill_local(b: _Build, local_ext, local_writer, candidates: Sequence[Entry]) -> None:
+    """Phase 6: local features of rows that have none yet (reused rows of an index built without them, a Ray pass)."""
+    missing = [e for e in candidates if e.name not in local_writer]
+    if not missing:
+        return
+    pb = _progress(total=len(missing), desc=f"local: {local_ext.name}", enabled=b.progress)
+    for _, e, img in iter_decoded(missing, local_ext.max_side, workers=b.workers):
+        if not isinstance(img, DecodeError):
+            _put_local(local_writer, local_ext, e, img, pb)
+        pb.update()
+    pb.close()
+
+
+def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]], local: Optional[str], local_ext,
+                 dataset: Optional[Dict[str, Any]], label_names: Optional[Dict[str, str]], t_start: float) -> Dict[str, Any]:
+    """Phase 7: features.h5 and the search structure, streamed from the row segments into a fresh folder moved into
+    place; memory holds one chunk of rows and the training sample, never all N. Returns the manifest."""
+    t0 = time.time()
+    ext, work, want = b.ext, b.work, b.want
+    seg_files, loc, _ = segments.locate()
+    names = [e.name for e in b.entries if e.name in loc]
+    if not names:
+        raise CbirError(f"no image could be read ({len(b.failures)} failure(s)); no index written")
+    n = len(names)
+
+    def raw_of(sel: Sequence[int]) -> np.ndarray:
+        return store.RowSegments.gather(seg_files, [loc[names[i]][:2] for i in sel])
+
+    if ext.needs_post_fit:  # the post transform (hash centre, whitening) is learned on the sample (all rows up to 200k)
+        ext.fit_post(raw_of(_sample_rows(n)))
+    commit = store.fresh_folder(work / "commit")
+    first = ext.post(raw_of([0]))
+    d_final = int(first.shape[1])
+    metric = "hamming" if ext.binary else "cosine"
+    code_bytes = int(ext.encode(first).shape[1]) if ext.binary else 0
+    spec = auto_spec(metric, code_bytes * 8 if ext.binary else d_final, n, ann=ann, **(search or {}))
+    # features.h5 (+ raw rows a rebuild re-fits the post transform on) and the search structure, before writing a byte
+    row_bytes = 4 * d_final + code_bytes + (4 * int(getattr(ext, "raw_dim", d_final)) if ext.needs_post_fit else 0) + 300
+    store.check_space(commit, n * (row_bytes + int(spec.bytes_per_image)) + (1 << 20), "the index")
+    backend = FaissBackend(spec)
+    if not backend.is_trained:
+        f_final = ext.post(raw_of(_fit_rows(n, spec)))
+        backend.train(ext.encode(f_final) if ext.binary else f_final)
+        del f_final
+    labels = [want[nm].label for nm in names]
+    chunk = max(1, min(65536, FINAL_CHUNK_BYTES // max(1, row_bytes)))
+    with store.h5_writing(commit / store.FEATURES) as f:
+        w = store.FeatureWriter(f, d_final, "f4", key="descriptors")
+        for a in range(0, n, chunk):
+            sel = list(range(a, min(n, a + chunk)))
+            raw = raw_of(sel)
+            final = ext.post(raw).astype(np.float32)
+            codes = ext.encode(final) if ext.binary else None
+            part = names[a : a + len(sel)]
+            w.append(store.Rows(part, [str(want[nm].path.resolve()) for nm in part], labels[a : a + len(sel)],
+                                [loc[nm][2] for nm in part], [loc[nm][3] for nm in part], final))
+            ids = np.arange(a, a + len(sel), dtype=np.int64)
+            w.append_array("ids", ids)
+            if codes is not None:
+                w.append_array("codes", codes)
+            if ext.needs_post_fit:
+                w.append_array("raw", raw)
+            backend.add(ids, codes if codes is not None else final)
+    backend.save(commit / store.FAISS_FILES[metric])
+    st = ext.state()
+    if st:
+        store.save_state(commit / STATE_FILE, st)
+    for k, src in ext.bundle().items():
+        shutil.copyfile(src, commit / f"{k}.h5")
+    if local_ext is not None:
+        os.replace(work / "local.h5", commit / "local.h5")
+    b.seconds["index"] = round(time.time() - t0, 3)
+    b.seconds["total"] = round(time.time() - t_start, 3)
+    manifest = {
+        "format_version": store.FORMAT_VERSION,
+        "cbir_version": __version__,
+        "created": store.now_iso(),
+        "extractor": {**ext.identity(with_state=True), "key": b.key, "key_nostate": b.key_nostate},
+        "kind": "binary" if ext.binary else "float",
+        "dim": d_final,
+        "code_bits": int(ext.code_bits) if ext.binary else None,
+        "metric": metric,
+        "faiss": store.FAISS_FILES[metric],
+        "ann": spec.ann,
+        "search": spec.to_json(),
+        "next_id": n,
+        "count": n,
+        "dataset": dataset or {},
+        "labels": sorted({l for l in labels if l is not None}),
+        "label_names": label_names or {},
+        "failures": b.failures,
+        "seconds": b.seconds,
+        "local": ({"name": local, "key": local_ext.key(), "identity": local_ext.identity()} if local_ext else None),
+    }
+    manifest["files"] = {p.name: store.file_record(p) for p in sorted(commit.iterdir()) if p.is_file()}
+    store.write_json_atomic(manifest, commit / store.MANIFEST)
+    store.commit_folder(commit, b.out)
+    return manifest
+
+
+def _sample_rows(n: int, cap: int = 200_000) -> np.ndarray:
+    """All rows of a gallery up to ``cap``, else a seeded sample of ``cap`` rows (sorted)."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
+
+
+def _fit_rows(n: int, spec: SearchSpec, cap: int = 200_000) -> np.ndarray:
+    """Rows a search structure is trained on: all of a small gallery, else a seeded sample (PCA, PQ, IVF centroids)."""
+    if not (spec.dim or spec.codec == "pq" or spec.ann == "ivf") or n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
+
+
+def _put_local(writer, local_ext, e: Entry, img: np.ndarray, pb) -> None:
+    """Store one image's local features; a failure leaves that image without them (re-ranking scores it 0)."""
+    try:
+        writer.put(e.name, local_ext.extract(img))
+    except Exception as err:  # noqa: BLE001 - reported with the file name, the global row stays
+        _log(f"warning: {e.path}: no local features ({err})", pb)
+
+
+def _decode_side(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    return None if a is None or b is None else max(a, b)
+
+
+def shrink(img: np.ndarray, side: Optional[int]) -> np.ndarray:
+    from .data import resize_max_side
+
+    return resize_max_side(img, side) if side else img
+
+
+def _pre_post_state(arrays: Dict[str, np.ndarray], ext: Extractor) -> Dict[str, np.ndarray]:
+    """State saved by an index includes post-fit arrays; before re-fitting post, keep only the fit part."""
+    keep = getattr(ext, "fit_state_keys", None)
+    if keep is None:
+        return arrays
+    return {k: v for k, v in arrays.items() if any(k == p or k.startswith(p + "/") for p in keep)}
+
+
+def _extract_singly(ext, item, failures, strict, pb, exc):
+    out = []
+    for _, e, img in item:
+        try:
+            out.append(ext.extract([shrink(img, ext.max_side)])[0])
+        except Exception as err:  # noqa: BLE001 - reported with the file name
+            if strict:
+                raise CbirError(f"--strict: {e.path}: extraction failed ({err})") from err
+            failures.append({"path": str(e.path), "name": e.name, "cause": f"extraction failed ({err})"})
+            _log(f"skipped {e.path}: extraction failed ({err})", pb)
+            out.append(None)
+    return out

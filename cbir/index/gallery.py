@@ -1,0 +1,118 @@
+"""An index folder opened for search: manifest, row metadata, stored vectors and the search backend.
+
+This is the index floor's read side: it knows the folder's layout (:mod:`cbir.index.store`) and the backends
+(:mod:`cbir.index.backend`), not the extractors. :class:`cbir.query.Index` adds the extractor that describes queries.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from ..errors import CbirError, IndexMismatch
+from . import store
+from .backend import FaissBackend, SearchSpec
+from .faiss_index import CosineIndex, HammingIndex
+
+PathLike = Union[str, os.PathLike]
+
+
+class Gallery:
+    """A built index folder: manifest, row metadata (names, paths, labels, ids), descriptors and the search backend."""
+
+    def __init__(self, folder: PathLike, verify: bool = True, mmap: bool = False) -> None:
+        """Open ``folder``; every file is checked against the manifest's size and SHA-256 first (``verify``),
+        so a damaged index is a one-line error naming the file, never silently wrong rankings."""
+        self.folder = Path(folder)
+        self.manifest = m = store.read_manifest(self.folder)
+        self._paths_resolved: Optional[Dict[str, int]] = None
+        self.metric = m["metric"]
+        rows = store.open_checked(self.folder, store.FEATURES, m, lambda p: store.read_rows(p)[0], verify)
+        n = m["count"]
+        width = m["code_bits"] // 8 if self.metric == "hamming" else m["dim"]
+        for key, shape in (("names", (n,)), ("paths", (n,)), ("labels", (n,)), ("descriptors", (n, m["dim"])),
+                           *((("codes", (n, width)),) if self.metric == "hamming" else ())):
+            got = getattr(rows.get(key), "shape", None)
+            if got != shape:
+                raise store.damaged(self.folder, store.FEATURES, f"dataset {key!r} has shape {got}, the manifest implies {shape}", m)
+        self.names: np.ndarray = rows["names"]
+        self.paths: np.ndarray = rows["paths"]
+        self.labels: np.ndarray = np.array([l if l != "" else None for l in rows["labels"]], dtype=object)
+        self.descriptors: np.ndarray = rows["descriptors"]
+        self.codes: Optional[np.ndarray] = rows.get("codes")
+        self.ids: np.ndarray = np.asarray(rows["ids"], np.int64) if "ids" in rows else np.arange(n, dtype=np.int64)
+        if len(self.ids) != n or (n > 1 and not (np.diff(self.ids) > 0).all()):
+            raise store.damaged(self.folder, store.FEATURES, "image ids are not one increasing id per row", m)
+        if "search" in m:
+            try:
+                spec = SearchSpec.from_json(m["search"])
+            except (CbirError, TypeError, ValueError) as e:
+                raise store.damaged(self.folder, store.MANIFEST, f"invalid search spec: {e}", m) from None
+            self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: FaissBackend.open(p, spec, mmap=mmap), verify)
+        elif self.metric == "hamming":  # an index written before ids and codecs (flat, row = id)
+            self.index = store.open_checked(self.folder, m["faiss"], m, HammingIndex.load, verify)
+        else:
+            self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: CosineIndex.load(p, ann=m["ann"]), verify)
+        if self.index.ntotal != n or self.index.dim != (m["code_bits"] if self.metric == "hamming" else m["dim"]):
+            raise store.damaged(self.folder, m["faiss"], f"holds {self.index.ntotal} vectors of dimension {self.index.dim}, "
+                                f"the manifest {n} of {m['code_bits'] if self.metric == 'hamming' else m['dim']}", m)
+        self._verify = verify
+        self._pos = {n: i for i, n in enumerate(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def extractor_name(self) -> str:
+        return self.manifest["extractor"]["name"]
+
+    def check_extractor(self, name: Optional[str]) -> None:
+        if name and name != self.extractor_name:
+            raise IndexMismatch(
+                f"{self.folder} was built with extractor {self.extractor_name!r}; a query with {name!r} cannot be compared. "
+                f"Drop --extractor or rebuild the index with --extractor {name}"
+            )
+
+    def row(self, name: str) -> Optional[int]:
+        return self._pos.get(name)
+
+    def query_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored index-side vectors of gallery rows (codes for a Hamming index)."""
+        return self.codes[rows] if self.metric == "hamming" else self.descriptors[rows]
+
+    def search(self, vectors: np.ndarray, k: int, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` gallery rows per query (``-1`` where fewer), best first; ``exclude[i]``: a row left out of query i."""
+        ex = None
+        if exclude is not None:
+            exclude = np.asarray(exclude)
+            ex = np.where(exclude >= 0, self.ids[np.maximum(exclude, 0)], -1)
+        scores, ids = self.index.search(vectors, k, exclude=ex)
+        if len(self.ids) == 0:
+            return scores, np.full_like(ids, -1)
+        rows = np.searchsorted(self.ids, np.maximum(ids, 0))
+        rows = np.minimum(rows, len(self.ids) - 1)
+        return scores, np.where((ids >= 0) & (self.ids[rows] == ids), rows, -1)
+
+    def set_search(self, nprobe: Optional[int] = None, ef: Optional[int] = None) -> None:
+        """Query-time recall/speed of an IVF (``nprobe``) or HNSW (``ef``) index."""
+        if hasattr(self.index, "set_search"):
+            self.index.set_search(nprobe=nprobe, ef=ef)
+
+    def row_of_path(self, p: PathLike) -> Optional[int]:
+        """The gallery row of an image file (by its resolved path), None when the file is not in the gallery."""
+        if self._paths_resolved is None:
+            self._paths_resolved = {}
+            for i, q in enumerate(self.paths):
+                self._paths_resolved.setdefault(str(q), i)
+        return self._paths_resolved.get(str(Path(p).resolve()))
+
+    _row_of_path = row_of_path  # the name re-rankers of earlier versions call
+
+    def result(self, i: int, score: float, rank: int) -> Dict[str, Any]:
+        label = self.labels[i]
+        names = self.manifest.get("label_names") or {}
+        return {"rank": rank, "name": str(self.names[i]), "path": str(self.paths[i]), "label": label,
+                "label_name": names.get(label, label) if label is not None else None, "score": round(score, 6)}

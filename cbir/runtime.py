@@ -1,0 +1,121 @@
+"""The ``runtime`` switch (``torch`` | ``onnx``): the bottom floor every network asks which runtime to use.
+
+Which runtime a network uses: its conf key ``runtime`` when set, else the process default, which is
+``$CBIR_RUNTIME`` or ``torch`` until :func:`set_default_runtime` (the CLI's ``--runtime``) changes it. The runtime
+is never part of an extractor's identity: an index built with one runtime is queried with the other.
+
+The onnxruntime implementations (export on first use, cached sessions, the code that runs around each graph) live
+in :mod:`cbir.export.runtime`, a floor above the extractors and matchers. They register themselves here by name
+(:func:`register_runner`); a network whose runtime is ``onnx`` calls ``runner("pooled")(ext, images)`` and never
+imports the export floor, so no module below ``cbir.export`` depends on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from .errors import CbirError
+
+RUNTIMES = ("torch", "onnx")
+#: modules that register onnx runners when imported (plugins, found by name)
+RUNNER_MODULES = ("cbir.export.runtime",)
+_DEFAULT: Optional[str] = None
+_RUNNERS: Dict[str, Callable] = {}
+_LOCK = threading.Lock()
+
+
+def _check(name: str) -> str:
+    name = str(name).lower()
+    if name not in RUNTIMES:
+        raise CbirError(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
+    return name
+
+
+def default_runtime() -> str:
+    """The process default: :func:`set_default_runtime`'s value, else ``$CBIR_RUNTIME``, else ``torch``."""
+    return _check(_DEFAULT or os.environ.get("CBIR_RUNTIME") or "torch")
+
+
+def set_default_runtime(name: Optional[str]) -> None:
+    """Set the process default (``None``: back to ``$CBIR_RUNTIME`` / ``torch``); ``onnx`` checks onnxruntime now."""
+    global _DEFAULT
+    _DEFAULT = None if name is None else _check(name)
+    if _DEFAULT == "onnx":
+        require_onnxruntime()
+
+
+def resolve_runtime(value: Optional[str] = None) -> str:
+    """The runtime a component uses: its own ``value`` when set, else the process default."""
+    return _check(value) if value else default_runtime()
+
+
+def require_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CbirError("--runtime onnx needs onnxruntime (and onnx to export): pip install 'cbir[onnx]'") from None
+    return onnxruntime
+
+
+def _threads() -> int:
+    try:
+        import torch
+
+        return max(1, torch.get_num_threads())
+    except ImportError:  # pragma: no cover
+        return max(1, min(4, os.cpu_count() or 1))
+
+
+class Session:
+    """An onnxruntime CPU session: ``run({input: array}) -> [arrays]`` in the graph's output order."""
+
+    def __init__(self, path, threads: int = 0, spinning: bool = False) -> None:
+        ort = require_onnxruntime()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads) or _threads()
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if not spinning:  # idle threads sleep: on a busy machine spinning ones steal the cores (README "Threads")
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.path = Path(path)
+        try:
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types
+            raise CbirError(f"{path}: onnxruntime cannot load the model ({e})") from None
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feeds: Dict[str, Any]) -> List[np.ndarray]:
+        feeds = {k: np.ascontiguousarray(_np(v)) for k, v in feeds.items()}
+        return self.sess.run(None, feeds)
+
+
+def _np(x):
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def register_runner(name: str, fn: Callable) -> None:
+    """Make ``fn`` the onnxruntime implementation called ``name`` (e.g. ``pooled``, ``aliked``, ``lightglue``)."""
+    _RUNNERS[name] = fn
+
+
+def runner(name: str) -> Callable:
+    """The onnxruntime implementation ``name``; the modules of :data:`RUNNER_MODULES` are loaded on first use."""
+    fn = _RUNNERS.get(name)
+    if fn is None:
+        with _LOCK:
+            for mod in RUNNER_MODULES:
+                importlib.import_module(mod)
+        fn = _RUNNERS.get(name)
+    if fn is None:
+        raise CbirError(f"no onnxruntime implementation named {name!r} (known: {', '.join(sorted(_RUNNERS)) or 'none'})")
+    return fn

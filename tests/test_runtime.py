@@ -1,0 +1,41 @@
+"""The bottom-floor runtime switch and the registries that load their plugins by name."""
+
+import pytest
+
+from cbir import runtime
+from cbir.errors import CbirError
+from cbir.registry import Registry
+
+
+def test_the_switch_prefers_a_component_value_then_the_process_default(monkeypatch):
+    monkeypatch.delenv("CBIR_RUNTIME", raising=False)
+    assert runtime.resolve_runtime() == "torch"
+    monkeypatch.setenv("CBIR_RUNTIME", "onnx")
+    assert runtime.resolve_runtime() == "onnx" and runtime.resolve_runtime("torch") == "torch"
+    with pytest.raises(CbirError, match="unknown runtime 'tf'"):
+        runtime.resolve_runtime("tf")
+
+
+def test_onnx_runners_register_by_name_without_the_lower_floors_importing_them():
+    fn = runtime.runner("pooled")
+    from cbir.export import runtime as export_runtime
+
+    assert fn is export_runtime.pooled_extract
+    assert {"pooled", "xfeat", "aliked", "disk", "lightglue", "loftr"} <= set(runtime._RUNNERS)
+    with pytest.raises(CbirError, match="no onnxruntime implementation named 'nope'"):
+        runtime.runner("nope")
+
+
+def test_a_registry_imports_its_plugin_modules_on_first_lookup(tmp_path, monkeypatch):
+    (tmp_path / "cbir_test_plugin_mod.py").write_text(
+        "from cbir_test_registry_holder import REG\n@REG.register('tiny')\nclass Tiny: pass\n")
+    (tmp_path / "cbir_test_registry_holder.py").write_text(
+        "from cbir.registry import Registry\nREG = Registry('thing', plugins=['cbir_test_plugin_mod'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import cbir_test_registry_holder as holder
+
+    assert holder.REG._items == {}  # nothing imported yet
+    assert holder.REG.get("tiny").__name__ == "Tiny" and holder.REG.names() == ["tiny"]
+    with pytest.raises(CbirError, match="unknown thing 'big'; choose one of: tiny"):
+        holder.REG.get("big")
+    assert Registry("empty").names() == []
