@@ -177,7 +177,7 @@ def _writable_backend(idx: "Index") -> FaissBackend:
     m = idx.manifest
     spec = auto_spec(m["metric"], m["code_bits"] if m["metric"] == "hamming" else m["dim"], len(idx), ann=m.get("ann", "flat"))
     b = FaissBackend(spec)
-    vecs = idx.codes if m["metric"] == "hamming" else idx.descriptors
+    vecs = np.asarray(idx.codes if m["metric"] == "hamming" else idx.descriptors)
     b.train(vecs)
     b.add(idx.ids, vecs)
     return b

@@ -104,13 +104,14 @@ def evaluate(
     # query vectors: stored rows for gallery images, extracted otherwise
     t0 = time.time()
     ext_needed = [i for i, r in enumerate(rows) if r < 0 and n_rel_all[i] > 0]
-    dim_vec = idx.codes.shape[1] if idx.metric == "hamming" else idx.descriptors.shape[1]
+    m = idx.manifest
+    dim_vec = m["code_bits"] // 8 if idx.metric == "hamming" else m["dim"]
     qvec = np.zeros((len(q_entries), dim_vec), dtype=np.uint8 if idx.metric == "hamming" else np.float32)
-    qfinal = np.zeros((len(q_entries), idx.descriptors.shape[1]), np.float32)
+    qfinal = np.zeros((len(q_entries), m["dim"]), np.float32)
     in_gal = rows >= 0
     if in_gal.any():
         qvec[in_gal] = idx.query_vectors(rows[in_gal])
-        qfinal[in_gal] = idx.descriptors[rows[in_gal]]
+        qfinal[in_gal] = idx.descriptor_rows(rows[in_gal])
     failures = []
     keep = np.ones(len(q_entries), bool)
     if ext_needed:

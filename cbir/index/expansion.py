@@ -202,5 +202,5 @@ def for_index(idx, expand: Optional[Dict[str, Any]]) -> Optional[Expander]:
     cache = idx.__dict__.setdefault("_expanders", {})
     key = (spec["qe_k"], spec["alpha"], spec["dba_k"])
     if key not in cache:
-        cache[key] = Expander(idx.descriptors, idx.search, **spec)
+        cache[key] = Expander(np.asarray(idx.descriptors), idx.search, **spec)
     return cache[key]

@@ -30,7 +30,7 @@ class Gallery:
         self.manifest = m = store.read_manifest(self.folder)
         self._paths_resolved: Optional[Dict[str, int]] = None
         self.metric = m["metric"]
-        rows = store.open_checked(self.folder, store.FEATURES, m, lambda p: store.read_rows(p)[0], verify)
+        rows = store.open_checked(self.folder, store.FEATURES, m, lambda p: store.read_rows(p, lazy=("descriptors", "codes", "raw"))[0], verify)
         n = m["count"]
         width = m["code_bits"] // 8 if self.metric == "hamming" else m["dim"]
         for key, shape in (("names", (n,)), ("paths", (n,)), ("labels", (n,)), ("descriptors", (n, m["dim"])),
@@ -41,8 +41,8 @@ class Gallery:
         self.names: np.ndarray = rows["names"]
         self.paths: np.ndarray = rows["paths"]
         self.labels: np.ndarray = np.array([l if l != "" else None for l in rows["labels"]], dtype=object)
-        self.descriptors: np.ndarray = rows["descriptors"]
-        self.codes: Optional[np.ndarray] = rows.get("codes")
+        self._descriptors = rows["descriptors"]  # store.LazyRows: read when used (see there)
+        self._codes = rows.get("codes")
         self.ids: np.ndarray = np.asarray(rows["ids"], np.int64) if "ids" in rows else np.arange(n, dtype=np.int64)
         if len(self.ids) != n or (n > 1 and not (np.diff(self.ids) > 0).all()):
             raise store.damaged(self.folder, store.FEATURES, "image ids are not one increasing id per row", m)
@@ -79,9 +79,24 @@ class Gallery:
     def row(self, name: str) -> Optional[int]:
         return self._pos.get(name)
 
+    @property
+    def descriptors(self) -> np.ndarray:
+        """Every row's final float descriptor, ``(N, dim)``: read from features.h5 on first use (opening reads none)."""
+        return np.asarray(self._descriptors)
+
+    @property
+    def codes(self) -> Optional[np.ndarray]:
+        """Every row's packed binary code (Hamming indexes), read on first use like :attr:`descriptors`."""
+        return None if self._codes is None else np.asarray(self._codes)
+
+    def descriptor_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The final float descriptors of some gallery rows, reading only those."""
+        return self._descriptors[np.asarray(rows, np.int64)]
+
     def query_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Stored index-side vectors of gallery rows (codes for a Hamming index)."""
-        return self.codes[rows] if self.metric == "hamming" else self.descriptors[rows]
+        """Stored index-side vectors of gallery rows (codes for a Hamming index), reading only those."""
+        rows = np.asarray(rows, np.int64)
+        return self._codes[rows] if self.metric == "hamming" else self._descriptors[rows]
 
     def search(self, vectors: np.ndarray, k: int, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Top-``k`` gallery rows per query (``-1`` where fewer), best first; ``exclude[i]``: a row left out of query i."""

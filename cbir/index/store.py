@@ -354,14 +354,63 @@ def write_arrays(path: os.PathLike, arrays: Dict[str, np.ndarray], attrs: Option
             f.attrs[k] = v
 
 
-def read_rows(path: os.PathLike, key: Optional[str] = None) -> Tuple[Dict[str, np.ndarray], dict]:
-    """All datasets of a features file as numpy arrays (strings decoded) and its attributes."""
+class LazyRows:
+    """A numeric dataset of a features file read when first used: ``rows[i]``, ``rows[idx_array]``, ``np.asarray(rows)``.
+
+    Opening an index reads names, paths and labels; the vectors (N x D floats: gigabytes at a million images) stay
+    on disk until a caller needs them (evaluation of gallery queries, query expansion, updates), and then only
+    the rows asked for, unless the whole array is. The file stays open: a folder replaced by a rebuild meanwhile
+    (a new file at the same path) does not change what an opened index reads."""
+
+    def __init__(self, h5file, name: str) -> None:
+        d = h5file[name]
+        self._f, self.name, self.shape, self.dtype = h5file, name, tuple(d.shape), np.dtype(d.dtype)
+        self._all: Optional[np.ndarray] = None
+
+    ndim = property(lambda self: len(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        if self._all is None:
+            self._all = self._f[self.name][()]
+        return self._all if dtype is None else self._all.astype(dtype)
+
+    def __getitem__(self, sel):
+        if self._all is not None:
+            return self._all[sel]
+        if isinstance(sel, (int, np.integer)):
+            sel = int(sel)
+            sel = sel + self.shape[0] if sel < 0 else sel
+            return self[np.array([sel])][0]
+        if isinstance(sel, slice):
+            return self._f[self.name][sel]
+        idx = np.asarray(sel)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        shape = idx.shape
+        idx = idx.astype(np.int64).ravel()
+        idx = np.where(idx < 0, idx + self.shape[0], idx)
+        if len(idx) == 0:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        uniq, inv = np.unique(idx, return_inverse=True)
+        got = self._f[self.name][uniq]  # h5py point selection: increasing, unique rows
+        return got[inv.ravel()].reshape(*shape, *self.shape[1:])
+
+
+def read_rows(path: os.PathLike, key: Optional[str] = None, lazy: Sequence[str] = ()) -> Tuple[Dict[str, Any], dict]:
+    """All datasets of a features file as numpy arrays (strings decoded) and its attributes; those named in ``lazy``
+    as :class:`LazyRows` (read when used)."""
     h5py = _h5py()
+    keep = h5py.File(path, "r") if lazy else None  # the lazy datasets' handle (closed with them)
     with h5py.File(path, "r") as f:
         out = {}
         for name in f:
             d = f[name]
-            if d.dtype.kind == "O":
+            if name in lazy and d.dtype.kind != "O":
+                out[name] = LazyRows(keep, name)
+            elif d.dtype.kind == "O":
                 out[name] = np.array([x.decode("utf-8") if isinstance(x, bytes) else x for x in d[()]], dtype=object)
             else:
                 out[name] = d[()]

@@ -367,3 +367,22 @@ def test_write_json_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
         store.write_json_atomic({"map": float("nan")}, tmp_path / "r.json")
     assert not list(tmp_path.iterdir())
+
+
+def test_opening_an_index_reads_no_vector_until_one_is_used(small_set, tmp_path):
+    """Names and labels load on open; descriptors are read on use, only the rows asked for, from the file as opened."""
+    entries = read_file_list(small_set / "list.txt")[:6]
+    build_index(entries, tmp_path / "idx", **COLOUR)
+    idx = Index(tmp_path / "idx")
+    lazy = idx._descriptors
+    assert isinstance(lazy, store.LazyRows) and lazy._all is None
+    full = np.asarray(store.read_rows(tmp_path / "idx" / store.FEATURES)[0]["descriptors"])
+    np.testing.assert_array_equal(idx.descriptor_rows([3, 1, 3]), full[[3, 1, 3]])
+    np.testing.assert_array_equal(idx.query_vectors(np.array([5])), full[[5]])
+    np.testing.assert_array_equal(lazy[-1], full[-1])
+    np.testing.assert_array_equal(lazy[np.array([False, True, False, False, False, True])], full[[1, 5]])
+    assert lazy[np.zeros(0, int)].shape == (0, full.shape[1]) and lazy._all is None
+    # a rebuild replaces the folder: the opened index still reads what it opened
+    build_index(entries[:3], tmp_path / "idx", **COLOUR)
+    np.testing.assert_array_equal(np.asarray(idx.descriptors), full)
+    assert len(Index(tmp_path / "idx").descriptors) == 3
