@@ -133,6 +133,7 @@ def _build_locked(
     local_conf: Optional[Dict[str, Any]] = None,
     log: Callable[[str], None] = None,
     ray: Optional[str] = None,
+    keep_raw: bool = False,
 ) -> BuildReport:
     """The build itself, with ``out`` checked and its work folder locked by :func:`build_index`, phase by phase:
     :func:`_open_work`, :func:`_fit_state`, :func:`_reuse_rows`, :func:`_open_local`, :func:`_extract`,
@@ -142,7 +143,9 @@ def _build_locked(
     existing index at ``out`` with the same extractor and the same file size and mtime are reused.
     Bad images are reported and skipped, or with ``strict`` the build stops at the first one and
     writes no index. The folder appears complete or not at all. ``ray``: extract on a Ray cluster
-    (``auto`` or an address, :mod:`cbir.distributed`); everything else runs here.
+    (``auto`` or an address, :mod:`cbir.distributed`); everything else runs here. ``keep_raw``: features.h5 also
+    keeps the descriptors before a learned post transform (whitening, hash centre), so a rebuild that learns it again
+    reuses them instead of extracting again; otherwise it stores what search needs.
     """
     t_start = time.time()
     b = _open_work(entries, Path(out), resolve_extractor(extractor, conf), log, progress, strict, workers)
@@ -159,7 +162,7 @@ def _build_locked(
         if local_writer is not None:
             local_writer.close()
     b.seconds["extract"] = round(time.time() - t0, 3)
-    manifest = _write_index(b, segments, ann, search, local, local_ext, dataset, label_names, t_start)
+    manifest = _write_index(b, segments, ann, search, local, local_ext, dataset, label_names, t_start, keep_raw)
     shutil.rmtree(b.work, ignore_errors=True)
     return BuildReport(out=b.out, count=manifest["count"], failures=b.failures, reused=reused, extracted=extracted,
                        seconds=b.seconds, manifest=manifest)
@@ -251,7 +254,7 @@ def _reuse_rows(b: _Build):
     if b.old_same and om.get("extractor", {}).get("key") == b.key and (out / store.FEATURES).is_file():
         try:
             store.verify_file(out, store.FEATURES, om)
-            _copy_old_rows(out / store.FEATURES, segments, want, done)
+            _copy_old_rows(out / store.FEATURES, segments, want, done, b.ext.needs_post_fit, b.say)
         except (CbirError, OSError, KeyError, ValueError) as e:
             b.say(f"note: not reusing the rows of the existing index: {e}")
     # rows of the work folder are only valid if the file did not change since
@@ -263,11 +266,16 @@ def _reuse_rows(b: _Build):
     return segments, done, stale, todo, reused
 
 
-def _copy_old_rows(path: Path, segments, want: Dict[str, Entry], done: Dict[str, Tuple[int, float]]) -> None:
-    """Append to ``segments`` the rows of an old ``features.h5`` whose file is unchanged, reading it chunk by chunk."""
+def _copy_old_rows(path: Path, segments, want: Dict[str, Entry], done: Dict[str, Tuple[int, float]], post_fit: bool,
+                   say: Callable[[str], None]) -> None:
+    """Append to ``segments`` the rows of an old ``features.h5`` whose file is unchanged, reading it chunk by chunk.
+    ``post_fit``: the extractor learns a post transform, so only raw rows (``--keep-raw``) can be reused."""
     import h5py
 
     with h5py.File(path, "r") as f:
+        if post_fit and "raw" not in f:
+            say(f"note: {path} keeps no raw descriptors (built without --keep-raw): every image is extracted again")
+            return
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["names"][()]]
         size, mtime = f["file_size"][()], f["file_mtime"][()]
         src = f["raw"] if "raw" in f else f["descriptors"]
@@ -389,7 +397,8 @@ def _fill_local(b: _Build, local_ext, local_writer, candidates: Sequence[Entry])
 
 
 def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]], local: Optional[str], local_ext,
-                 dataset: Optional[Dict[str, Any]], label_names: Optional[Dict[str, str]], t_start: float) -> Dict[str, Any]:
+                 dataset: Optional[Dict[str, Any]], label_names: Optional[Dict[str, str]], t_start: float,
+                 keep_raw: bool = False) -> Dict[str, Any]:
     """Phase 7: features.h5 and the search structure, streamed from the row segments into a fresh folder moved into
     place; memory holds one chunk of rows and the training sample, never all N. Returns the manifest."""
     t0 = time.time()
@@ -412,7 +421,8 @@ def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]]
     code_bytes = int(ext.encode(first).shape[1]) if ext.binary else 0
     spec = auto_spec(metric, code_bytes * 8 if ext.binary else d_final, n, ann=ann, **(search or {}))
     # features.h5 (+ raw rows a rebuild re-fits the post transform on) and the search structure, before writing a byte
-    row_bytes = 4 * d_final + code_bytes + (4 * int(getattr(ext, "raw_dim", d_final)) if ext.needs_post_fit else 0) + 300
+    keep_raw = bool(keep_raw and ext.needs_post_fit)
+    row_bytes = 4 * d_final + code_bytes + (4 * int(getattr(ext, "raw_dim", d_final)) if keep_raw else 0) + 300
     store.check_space(commit, n * (row_bytes + int(spec.bytes_per_image)) + (1 << 20), "the index")
     backend = FaissBackend(spec)
     if not backend.is_trained:
@@ -435,7 +445,7 @@ def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]]
             w.append_array("ids", ids)
             if codes is not None:
                 w.append_array("codes", codes)
-            if ext.needs_post_fit:
+            if keep_raw:
                 w.append_array("raw", raw)
             backend.add(ids, codes if codes is not None else final)
     backend.save(commit / store.FAISS_FILES[metric])
@@ -466,6 +476,7 @@ def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]]
         "labels": sorted({l for l in labels if l is not None}),
         "label_names": label_names or {},
         "failures": b.failures,
+        "keep_raw": keep_raw,
         "seconds": b.seconds,
         "local": ({"name": local, "key": local_ext.key(), "identity": local_ext.identity()} if local_ext else None),
     }

@@ -108,7 +108,8 @@ def cmd_index_build(a) -> int:
     name, conf = _extractor_from_args(a)
     entries, ds, label_names = _entries(a)
     rep = build_index(entries, a.out, extractor=name, conf=conf, roots=[a.root] if getattr(a, "root", None) else [], strict=a.strict, batch_size=a.batch_size, workers=a.workers,
-                      ann=a.ann, search=_search_opts(a), progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local)
+                      ann=a.ann, search=_search_opts(a), progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local,
+                      keep_raw=a.keep_raw)
     m = rep.manifest
     summary = {
         "index": str(rep.out), "extractor": name, "images": rep.count, "failed": len(rep.failures),
@@ -154,6 +155,8 @@ def _add_search_structure(b: argparse.ArgumentParser) -> None:
     g.add_argument("--code-bytes", type=positive_int, metavar="N", help="bytes per image of --codec pq (must divide the dimension, e.g. 64)")
     g.add_argument("--nlist", type=positive_int, metavar="N", help="inverted lists of --ann ivf (default ~4 sqrt(images))")
     g.add_argument("--memory-budget", type=_bytes, metavar="SIZE", help="RAM for the search structure with --ann auto (e.g. 1G): picks the PQ code size")
+    g.add_argument("--keep-raw", action="store_true", help="also keep the descriptors before a learned post transform (hash centre, "
+                   "whitening) in features.h5, so a rebuild re-learning it reuses them instead of extracting every image again")
 
 
 def _search_opts(a) -> Dict[str, Any]:

@@ -189,7 +189,12 @@ def test_hash_index_round_trip_and_rebuild(small_set, tmp_path):
     from cbir.extractors.hashing import mean_hash, pack_codes
 
     np.testing.assert_array_equal(idx.codes, pack_codes(mean_hash(idx.descriptors - idx.extractor.mean_)))
-    rep2 = build_index(entries, tmp_path / "h", extractor="hash", conf=conf, progress=False)
+    # features.h5 keeps what search needs: no raw rows unless --keep-raw; then a rebuild reuses them
+    assert "raw" not in store.read_rows(tmp_path / "h" / store.FEATURES)[0] and m["keep_raw"] is False
+    rep2 = build_index(entries, tmp_path / "h", extractor="hash", conf=conf, progress=False, keep_raw=True)
+    assert rep2.extracted == 12 and rep2.reused == 0  # the centre is learned again: raw rows were not kept
+    assert store.read_rows(tmp_path / "h" / store.FEATURES)[0]["raw"].shape == (12, 256) and rep2.manifest["keep_raw"]
+    rep2 = build_index(entries, tmp_path / "h", extractor="hash", conf=conf, progress=False, keep_raw=True)
     assert rep2.extracted == 0 and rep2.reused == 12
     np.testing.assert_array_equal(Index(tmp_path / "h").codes, idx.codes)
     ev = evaluate(tmp_path / "h", queries=small_set / "list.txt", progress=False)
