@@ -43,6 +43,6 @@ def test_named_confs_resolve_to_an_extractor_and_build():
         assert kind == entry["extractor"] and conf == entry["conf"]
         conf["mutated"] = True  # the caller's copy: the table itself is unchanged
         assert "mutated" not in CONFS[name]["conf"]
-    ext = make_extractor(*configure("mnv2-gem-ms"))
-    assert ext.conf["scales"] == [1.0, 0.707] and ext.conf["pool"] == "gem" and ext.dim == 1280
+    ext = make_extractor(*configure("mnv2-gap-ms"))
+    assert ext.conf["scales"] == [1.0, 0.707] and ext.conf["pool"] == "gap" and ext.dim == 1280
     assert configure("aliked-gem", extra={"flip": False})[1] == {"backbone": "aliked-n16", "flip": False}
