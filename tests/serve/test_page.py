@@ -1,0 +1,84 @@
+"""The page in a real browser (Debian's chromium under Playwright, headless): upload an image through the file input,
+read the result grid, open "why?" (the match overlay) and "more like this"; a screenshot goes to the test's temp folder
+(and to $CBIR_PAGE_SCREENSHOT when set)."""
+
+import os
+import shutil
+
+from serve.support import query_bytes
+
+
+def test_upload_through_the_page(live_server, browser, tmp_path):
+    q = tmp_path / "query.jpg"
+    q.write_bytes(query_bytes(2))
+    page = browser.new_page(viewport={"width": 1200, "height": 900})  # with the page's own CSP: waits are functions, never eval
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(live_server.url + "/", timeout=30_000)
+        page.wait_for_function("() => document.getElementById('summary').textContent.includes('12 images')", timeout=30_000)
+        page.fill("#topk", "5")
+        page.set_input_files("#file", str(q))
+        page.wait_for_selector("#results .result", timeout=30_000)
+        cards = page.locator("#results .result")
+        assert cards.count() == 5
+        labels = [cards.nth(i).locator(".label").inner_text() for i in range(5)]
+        assert labels[:3] == ["group2"] * 3, labels
+        scores = [float(cards.nth(i).locator(".score").inner_text()) for i in range(5)]
+        assert scores == sorted(scores, reverse=True)
+        assert page.locator("#query-caption").inner_text() == "query.jpg"
+        assert "results in" in page.locator("#status").inner_text()
+        # every thumbnail of the grid loaded (served by /thumbs/NAME)
+        page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)",
+                               timeout=30_000)
+        shot = tmp_path / "page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("CBIR_PAGE_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["CBIR_PAGE_SCREENSHOT"])
+
+        # "why?": the match overlay of the query and the first result
+        first = cards.nth(0).get_attribute("data-name")
+        cards.nth(0).locator("button.why").click()
+        page.wait_for_function("() => document.getElementById('match-img').src.startsWith('data:image/png')", timeout=30_000)
+        assert "inliers" in page.locator("#match-text").inner_text()
+        page.screenshot(path=str(tmp_path / "match.png"))
+        page.locator("#match .close").click()
+
+        # "more like this": the first result becomes the query; it is not among its own results
+        cards.nth(0).locator("button.more").click()
+        page.wait_for_function(f"() => document.getElementById('query-caption').textContent.startsWith({first!r})", timeout=30_000)
+        page.wait_for_function(f"() => ![...document.querySelectorAll('#results .result')].some(c => c.dataset.name === {first!r})"
+                               " && document.querySelectorAll('#results .result').length === 5", timeout=30_000)
+        assert page.locator("#results .result .label").first.inner_text() == "group2"
+
+        # a bad upload shows the service's message
+        bad = tmp_path / "notes.jpg"
+        bad.write_bytes(b"not an image at all")
+        page.set_input_files("#file", str(bad))
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert "not an image" in page.locator("#error").inner_text()
+    finally:
+        page.close()
+    assert not errors, errors
+
+
+def test_docs_render_offline(live_server, browser):
+    """/docs is Swagger UI from the fastapi-offline wheel, served by the app: it renders with no network."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("fastapi_offline") is None:
+        pytest.skip("fastapi-offline is not installed: /docs would load Swagger UI from its CDN")
+    page = browser.new_page()
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(live_server.url) and not r.url.startswith("data:") else None)
+    try:
+        page.goto(live_server.url + "/docs", timeout=30_000)
+        page.wait_for_selector(".swagger-ui .opblock-summary-path", timeout=30_000)
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+    finally:
+        page.close()
+    assert any(p.replace("\u200b", "") == "/search" for p in paths), paths
+    assert not outside, outside
