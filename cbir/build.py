@@ -75,6 +75,11 @@ def build_index(
     entries = list(entries)
     out = store.check_out(out, images=[e.path for e in entries], roots=roots)
     work = store.partial_dir(out)
+    fresh = not work.exists()
+    if options.get("vector_store"):
+        from .index.milvus import parse_store
+
+        parse_store(options["vector_store"], out)  # a malformed --store is refused before a folder is made
     store.claim_work(work, out)
     with store.BuildLock(work, out):
         try:
@@ -86,6 +91,12 @@ def build_index(
             note = (f"; the work done so far ({kept / 1e6:.1f} MB) is kept in {work}: run the same command again to resume"
                     if done else "")
             raise store.WriteError(f"{e}{note}") from None
+        except CbirError as e:
+            if not (fresh and not any((work / "rows").glob("part-*.h5")) and not (work / STATE_FILE).is_file()):
+                raise
+            refused = e  # refused before any work: the work folder this call made goes, once its lock is released
+    shutil.rmtree(work, ignore_errors=True)
+    raise refused
 
 
 @dataclass
@@ -134,6 +145,7 @@ def _build_locked(
     log: Callable[[str], None] = None,
     ray: Optional[str] = None,
     keep_raw: bool = False,
+    vector_store: Optional[str] = None,
 ) -> BuildReport:
     """The build itself, with ``out`` checked and its work folder locked by :func:`build_index`, phase by phase:
     :func:`_open_work`, :func:`_fit_state`, :func:`_reuse_rows`, :func:`_open_local`, :func:`_extract`,
@@ -145,10 +157,16 @@ def _build_locked(
     writes no index. The folder appears complete or not at all. ``ray``: extract on a Ray cluster
     (``auto`` or an address, :mod:`cbir.distributed`); everything else runs here. ``keep_raw``: features.h5 also
     keeps the descriptors before a learned post transform (whitening, hash centre), so a rebuild that learns it again
-    reuses them instead of extracting again; otherwise it stores what search needs.
+    reuses them instead of extracting again; otherwise it stores what search needs. ``vector_store``: ``milvus:URI``
+    puts the vectors, ids, names and labels in a Milvus collection (:mod:`cbir.index.milvus`); the folder keeps the
+    manifest, features, learned state and a pointer file.
     """
     t_start = time.time()
     b = _open_work(entries, Path(out), resolve_extractor(extractor, conf), log, progress, strict, workers)
+    milvus_uri = _check_store(b, vector_store, ann, search)  # refused before any work when the store cannot hold it
+    if ray and local:
+        raise CbirError("--ray extracts global descriptors only: build without --local, then add local features with a "
+                        "local build (the rows are reused), or drop --ray")
     _fit_state(b)
     segments, done, stale, todo, reused = _reuse_rows(b)
     local_ext, local_writer = _open_local(b, local, local_conf, stale)
@@ -162,7 +180,7 @@ def _build_locked(
         if local_writer is not None:
             local_writer.close()
     b.seconds["extract"] = round(time.time() - t0, 3)
-    manifest = _write_index(b, segments, ann, search, local, local_ext, dataset, label_names, t_start, keep_raw)
+    manifest = _write_index(b, segments, ann, search, local, local_ext, dataset, label_names, t_start, keep_raw, milvus_uri)
     shutil.rmtree(b.work, ignore_errors=True)
     return BuildReport(out=b.out, count=manifest["count"], failures=b.failures, reused=reused, extracted=extracted,
                        seconds=b.seconds, manifest=manifest)
@@ -195,6 +213,33 @@ def _open_work(entries: Sequence[Entry], out: Path, ext: Extractor, log, progres
             b.old_manifest = None
     b.old_same = b.old_manifest is not None and b.old_manifest.get("extractor", {}).get("key_nostate") == b.key_nostate
     return b
+
+
+def _check_store(b: _Build, vector_store: Optional[str], ann: str, search: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The Milvus URI of ``--store milvus:URI`` (None for the faiss folder), after checking what the store can hold
+    with the extractor's kind and dimension (Milvus Lite: no Hamming codes, no PQ; no PCA anywhere)."""
+    from .index.milvus import parse_store
+
+    kind, uri = parse_store(vector_store, b.out)
+    if kind != "milvus":
+        return None
+    try:
+        dim = int(b.ext.code_bits) if b.ext.binary else int(b.ext.dim)
+    except Exception:  # noqa: BLE001 - a dimension known only after extraction: checked again before the write
+        dim = 0
+    if dim:
+        _store_spec(uri, "hamming" if b.ext.binary else "cosine", dim, len(b.entries), ann, search)
+    return uri
+
+
+def _store_spec(uri: str, metric: str, dim_in: int, n: int, ann: str, search: Optional[Dict[str, Any]]) -> SearchSpec:
+    from .index.milvus import auto_store_spec
+
+    opts = dict(search or {})
+    if opts.pop("whiten_power", None):
+        raise CbirError("--whiten needs a PCA, which a Milvus store does not apply (it keeps descriptors as they are); "
+                        "use the faiss store (the default) or drop --whiten")
+    return auto_store_spec(metric, dim_in, n, uri, ann=ann, **opts)
 
 
 def _fit_state(b: _Build) -> None:
@@ -398,11 +443,11 @@ def _fill_local(b: _Build, local_ext, local_writer, candidates: Sequence[Entry])
 
 def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]], local: Optional[str], local_ext,
                  dataset: Optional[Dict[str, Any]], label_names: Optional[Dict[str, str]], t_start: float,
-                 keep_raw: bool = False) -> Dict[str, Any]:
+                 keep_raw: bool = False, milvus_uri: Optional[str] = None) -> Dict[str, Any]:
     """Phase 7: features.h5 and the search structure, streamed from the row segments into a fresh folder moved into
     place; memory holds one chunk of rows and the training sample, never all N. Returns the manifest."""
     t0 = time.time()
-    ext, work, want = b.ext, b.work, b.want
+    ext, work = b.ext, b.work
     seg_files, loc, _ = segments.locate()
     names = [e.name for e in b.entries if e.name in loc]
     if not names:
@@ -419,12 +464,50 @@ def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]]
     d_final = int(first.shape[1])
     metric = "hamming" if ext.binary else "cosine"
     code_bytes = int(ext.encode(first).shape[1]) if ext.binary else 0
-    spec = auto_spec(metric, code_bytes * 8 if ext.binary else d_final, n, ann=ann, **(search or {}))
+    dim_in = code_bytes * 8 if ext.binary else d_final
+    spec = _store_spec(milvus_uri, metric, dim_in, n, ann, search) if milvus_uri else auto_spec(metric, dim_in, n, ann=ann, **(search or {}))
     # features.h5 (+ raw rows a rebuild re-fits the post transform on) and the search structure, before writing a byte
     keep_raw = bool(keep_raw and ext.needs_post_fit)
     row_bytes = 4 * d_final + code_bytes + (4 * int(getattr(ext, "raw_dim", d_final)) if keep_raw else 0) + 300
-    store.check_space(commit, n * (row_bytes + int(spec.bytes_per_image)) + (1 << 20), "the index")
+    store.check_space(commit, n * (row_bytes + (0 if milvus_uri else int(spec.bytes_per_image))) + (1 << 20), "the index")
+    if milvus_uri:
+        from .index.milvus import MilvusBackend, collection_name
+
+        backend = MilvusBackend(spec, milvus_uri, collection_name(b.out))
+        try:
+            manifest = _write_rows(b, commit, backend, names, raw_of, loc, spec, d_final, code_bytes, keep_raw, milvus_uri,
+                                   local, local_ext, dataset, label_names, t0, t_start)
+        except BaseException:
+            _drop_quietly(milvus_uri, backend.collection)  # the new collection of a build that did not land
+            raise
+        old = (b.old_manifest or {}).get("store") or {}
+        if old.get("uri") and old.get("collection") != backend.collection:
+            _drop_quietly(old["uri"], old["collection"], b.say)  # the replaced index's vectors
+        return manifest
     backend = FaissBackend(spec)
+    return _write_rows(b, commit, backend, names, raw_of, loc, spec, d_final, code_bytes, keep_raw, None,
+                       local, local_ext, dataset, label_names, t0, t_start)
+
+
+def _drop_quietly(uri: str, collection: str, say: Optional[Callable[[str], None]] = None) -> None:
+    from .index.milvus import drop_collection
+
+    try:
+        drop_collection(uri, collection)
+    except CbirError as e:
+        if say is not None:
+            say(f"warning: the old Milvus collection {collection} on {uri} could not be dropped ({e}); drop it by hand")
+
+
+def _write_rows(b: _Build, commit: Path, backend, names: List[str], raw_of, loc, spec: SearchSpec, d_final: int, code_bytes: int,
+                keep_raw: bool, milvus_uri: Optional[str], local: Optional[str], local_ext, dataset, label_names,
+                t0: float, t_start: float) -> Dict[str, Any]:
+    """features.h5 and the search structure (faiss file or Milvus collection + pointer), chunk by chunk, then the
+    learned state, local features and manifest in ``commit``, moved into place."""
+    ext, work, want = b.ext, b.work, b.want
+    n = len(names)
+    metric = spec.metric
+    row_bytes = 4 * d_final + code_bytes + (4 * int(getattr(ext, "raw_dim", d_final)) if keep_raw else 0) + 300
     if not backend.is_trained:
         f_final = ext.post(raw_of(_fit_rows(n, spec)))
         backend.train(ext.encode(f_final) if ext.binary else f_final)
@@ -447,8 +530,12 @@ def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]]
                 w.append_array("codes", codes)
             if keep_raw:
                 w.append_array("raw", raw)
-            backend.add(ids, codes if codes is not None else final)
-    backend.save(commit / store.FAISS_FILES[metric])
+            if milvus_uri:
+                backend.add(ids, codes if codes is not None else final, names=part, labels=labels[a : a + len(sel)])
+            else:
+                backend.add(ids, codes if codes is not None else final)
+    search_file = store.MILVUS_FILE if milvus_uri else store.FAISS_FILES[metric]
+    backend.save(commit / search_file)
     st = ext.state()
     if st:
         store.save_state(commit / STATE_FILE, st)
@@ -467,7 +554,8 @@ def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]]
         "dim": d_final,
         "code_bits": int(ext.code_bits) if ext.binary else None,
         "metric": metric,
-        "faiss": store.FAISS_FILES[metric],
+        "faiss": search_file,
+        "store": ({"kind": "milvus", "uri": milvus_uri, "collection": backend.collection} if milvus_uri else None),
         "ann": spec.ann,
         "search": spec.to_json(),
         "next_id": n,

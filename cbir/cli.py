@@ -109,7 +109,7 @@ def cmd_index_build(a) -> int:
     entries, ds, label_names = _entries(a)
     rep = build_index(entries, a.out, extractor=name, conf=conf, roots=[a.root] if getattr(a, "root", None) else [], strict=a.strict, batch_size=a.batch_size, workers=a.workers,
                       ann=a.ann, search=_search_opts(a), progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local,
-                      keep_raw=a.keep_raw)
+                      keep_raw=a.keep_raw, ray=a.ray, vector_store=a.store)
     m = rep.manifest
     summary = {
         "index": str(rep.out), "extractor": name, "images": rep.count, "failed": len(rep.failures),
@@ -244,6 +244,8 @@ def cmd_index_info(a) -> int:
                                                                  if sp.get("dim") else "")
               + (f", {sp['code_bytes']}-byte PQ codes" if sp.get("code_bytes") else "") + (f", {sp['nlist']} lists" if sp.get("nlist") else "")
               + f"; {info['bytes_per_image']:.0f} bytes per image")
+        if m.get("store"):
+            print(tty_safe(f"vectors: Milvus collection {m['store']['collection']} at {m['store']['uri']}"))
         print(f"extractor {tty_safe(e['name'])}: {json.dumps(e['conf'])}")
         for k, v in (e.get("weights") or {}).items():
             print(f"  weights {tty_safe(k)}: sha256 {tty_safe(str(v)[:16])}...")
@@ -510,6 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=positive_int, default=16, help="images per network batch; bounds memory (default: %(default)s)")
     b.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s; 0: decode in the main thread)")
     b.add_argument("--json", action="store_true", help="print the build summary as JSON")
+    g = b.add_argument_group("beyond one machine")
+    g.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="extract on a Ray cluster (pip install 'cbir[ray]'): auto (the default when given alone) joins a running "
+                        "cluster ($RAY_ADDRESS) or starts a local one; or ray://HOST:10001, HOST:6379. Learned state is fitted here "
+                        "first; the rows come back into the resumable work folder")
+    g.add_argument("--store", metavar="faiss|milvus:URI", default=None,
+                   help="where the vectors go: faiss (default: a file in the index folder) or a Milvus collection (pip install "
+                        "'cbir[milvus]'): milvus:./gallery.db (embedded Milvus Lite: float vectors, exact search) or "
+                        "milvus:http://HOST:19530 (a server; $MILVUS_TOKEN for credentials). The folder keeps the manifest, "
+                        "features and learned state")
     _add_common(b)
     b.set_defaults(func=cmd_index_build)
     inf = isub.add_parser("info", help="show an index's manifest", description="Show what an index holds and how it was built.")

@@ -160,8 +160,16 @@ def add_images(folder: PathLike, entries: Sequence[Entry], strict: bool = False,
         out = {k: np.concatenate([np.asarray(rows[k], dtype=object if rows[k].dtype == object else rows[k].dtype),
                                   np.asarray(v, dtype=object if rows[k].dtype == object else rows[k].dtype)]) for k, v in add.items()}
         backend = _writable_backend(idx)
-        backend.add(ids, vectors)
-        _rewrite(idx, work, out, backend, [str(n) for n in idx.names], new_local, {"added": len(ids), "failures": len(rep.failures)})
+        if idx.manifest.get("store"):  # Milvus: the collection changes first; undone if the folder cannot follow
+            backend.add(ids, vectors, names=add["names"], labels=add["labels"])
+            try:
+                _rewrite(idx, work, out, backend, [str(n) for n in idx.names], new_local, {"added": len(ids), "failures": len(rep.failures)})
+            except BaseException:
+                backend.remove(ids)
+                raise
+        else:
+            backend.add(ids, vectors)
+            _rewrite(idx, work, out, backend, [str(n) for n in idx.names], new_local, {"added": len(ids), "failures": len(rep.failures)})
         rep.added, rep.count = len(ids), len(out["names"])
         return rep
 
@@ -170,9 +178,10 @@ def add_images(folder: PathLike, entries: Sequence[Entry], strict: bool = False,
     return rep
 
 
-def _writable_backend(idx: "Index") -> FaissBackend:
-    """The index's faiss structure as an updatable backend (an index written before ids gets ids = rows)."""
-    if isinstance(idx.index, FaissBackend):
+def _writable_backend(idx: "Index"):
+    """The index's search structure as an updatable backend: faiss (an index written before ids gets ids = rows) or
+    the Milvus collection itself."""
+    if isinstance(idx.index, FaissBackend) or idx.manifest.get("store"):
         return idx.index
     m = idx.manifest
     spec = auto_spec(m["metric"], m["code_bits"] if m["metric"] == "hamming" else m["dim"], len(idx), ann=m.get("ann", "flat"))
@@ -208,7 +217,14 @@ def remove_images(folder: PathLike, names: Sequence[str], log: Callable[[str], N
         out = {k: v[keep] for k, v in rows.items() if isinstance(v, np.ndarray) and len(v) == len(idx)}
         backend = _writable_backend(idx)
         backend.remove(idx.ids[drop])
-        _rewrite(idx, work, out, backend, [str(n) for n in out["names"]], {}, {"removed": int(len(drop))})
+        try:
+            _rewrite(idx, work, out, backend, [str(n) for n in out["names"]], {}, {"removed": int(len(drop))})
+        except BaseException:
+            if idx.manifest.get("store"):  # Milvus: put the removed vectors back, the folder still lists them
+                vecs = idx.query_vectors(drop)
+                backend.add(idx.ids[drop], vecs, names=[str(n) for n in idx.names[drop]],
+                            labels=["" if l is None else str(l) for l in idx.labels[drop]])
+            raise
         rep.removed, rep.count = int(len(drop)), int(len(keep))
         return rep
 
@@ -223,6 +239,9 @@ def compact_index(folder: PathLike) -> UpdateReport:
 
     def run(work: Path) -> UpdateReport:
         idx = Index(folder)
+        if idx.manifest.get("store"):
+            raise CbirError(f"{idx.folder}: its vectors are in a Milvus collection, which keeps its own index up to date "
+                            "(removals included): there is nothing to compact")
         rows, _ = store.read_rows(idx.folder / store.FEATURES)
         rows.setdefault("ids", idx.ids.copy())
         m = idx.manifest

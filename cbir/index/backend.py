@@ -351,4 +351,5 @@ def index_summary(m: Dict[str, Any], folder: os.PathLike) -> Dict[str, Any]:
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return {"index": str(folder), "count": m["count"], "dim": m["dim"], "searched_dim": spec.search_dim if spec.metric == "cosine" else None,
             "metric": m["metric"], "codec": spec.codec if spec.metric == "cosine" else "binary", "ann": spec.ann,
-            "bytes_per_image": spec.bytes_per_image, "file_bytes": files, "total_bytes": sum(files.values())}
+            "bytes_per_image": spec.bytes_per_image, "file_bytes": files, "total_bytes": sum(files.values()),
+            "store": m.get("store") or {"kind": "faiss", "file": m.get("faiss")}}

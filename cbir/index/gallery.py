@@ -51,7 +51,13 @@ class Gallery:
                 spec = SearchSpec.from_json(m["search"])
             except (CbirError, TypeError, ValueError) as e:
                 raise store.damaged(self.folder, store.MANIFEST, f"invalid search spec: {e}", m) from None
-            self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: FaissBackend.open(p, spec, mmap=mmap), verify)
+            if m.get("store"):  # vectors in a Milvus collection; the folder holds its pointer file
+                from .milvus import MilvusBackend
+
+                store.verify_file(self.folder, m["faiss"], m, full=verify)
+                self.index = MilvusBackend.open(self.folder / m["faiss"], spec)  # a server or lock problem says so itself
+            else:
+                self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: FaissBackend.open(p, spec, mmap=mmap), verify)
         elif self.metric == "hamming":  # an index written before ids and codecs (flat, row = id)
             self.index = store.open_checked(self.folder, m["faiss"], m, HammingIndex.load, verify)
         else:

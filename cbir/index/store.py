@@ -33,7 +33,9 @@ FAISS_FILES = {"cosine": "cosine.faiss", "hamming": "hamming.faiss"}
 STATE_FILE = "extractor.h5"
 LOCAL_FILE = "local.h5"
 #: files a build writes into an index folder (besides ``NAME.h5`` copies of bundled files, see ``owned_name``)
-OWNED_FILES = {MANIFEST, FEATURES, STATE_FILE, LOCAL_FILE, *FAISS_FILES.values()}
+#: the pointer file of an index whose vectors are in Milvus (cbir.index.milvus), in place of the faiss file
+MILVUS_FILE = "milvus.json"
+OWNED_FILES = {MANIFEST, FEATURES, STATE_FILE, LOCAL_FILE, MILVUS_FILE, *FAISS_FILES.values()}
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -760,7 +762,12 @@ def validate_manifest(m: Any, p: Path) -> Dict[str, Any]:
         raise _fail(p, f"kind {kind!r} does not go with metric {metric!r}")
     if metric == "hamming":
         need("code_bits", int, lambda v: 8 <= v <= MAX_DIM and v % 8 == 0, "a multiple of 8")
-    need("faiss", str, lambda v: v == FAISS_FILES[metric], f"{FAISS_FILES[metric]!r} for metric {metric}")
+    vstore = m.get("store")
+    if vstore is not None and (not isinstance(vstore, dict) or vstore.get("kind") != "milvus" or not isinstance(vstore.get("uri"), str)
+                               or not isinstance(vstore.get("collection"), str)):
+        raise _fail(p, "'store' must be null or {kind: milvus, uri, collection}")
+    search_file = MILVUS_FILE if vstore is not None else FAISS_FILES[metric]
+    need("faiss", str, lambda v: v == search_file, f"{search_file!r} for metric {metric}" + (" in a Milvus store" if vstore else ""))
     need("ann", str, lambda v: v in ANNS, f"one of {ANNS}")
     need("count", int, lambda v: 0 <= v <= MAX_COUNT, "a non-negative integer")
     if not isinstance(m.get("labels", []), list):
