@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import CbirError, IndexMismatch
+from ..errors import CbirError
 from .faiss_index import _Base, l2_normalise
 from .store import write_faiss
 
@@ -232,13 +232,6 @@ class FaissBackend(_Base):
         if self.metric == "hamming":
             return np.ascontiguousarray(x, dtype=np.uint8)
         return l2_normalise(x)
-
-    def _check(self, q: np.ndarray) -> None:
-        if self.metric == "hamming":
-            if q.ndim != 2 or q.dtype != np.uint8 or q.shape[1] * 8 != self.dim:
-                raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a Hamming index of {self.dim}-bit codes")
-        elif q.ndim != 2 or q.shape[1] != self.dim or q.dtype == np.uint8:
-            raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a cosine index of {self.dim}-d float vectors")
 
     # -- the interface
     def add(self, ids: Sequence[int], vectors: np.ndarray) -> None:

@@ -37,6 +37,15 @@ def _chunk_size(k: int) -> int:
     return int(max(1, min(4096, CHUNK_BYTES // max(1, 12 * k))))
 
 
+def check_queries(q: np.ndarray, metric: str, dim: int) -> None:
+    """Refuse queries that do not fit an index: packed uint8 codes of ``dim`` bits (Hamming), ``dim``-d floats (cosine)."""
+    if metric == "hamming":
+        if q.ndim != 2 or q.dtype != np.uint8 or q.shape[1] * 8 != dim:
+            raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a Hamming index of {dim}-bit codes")
+    elif q.ndim != 2 or q.shape[1] != dim or q.dtype == np.uint8:
+        raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a cosine index of {dim}-d float vectors")
+
+
 class _Base:
     metric = ""
 
@@ -52,7 +61,7 @@ class _Base:
         raise NotImplementedError
 
     def _check(self, q: np.ndarray) -> None:
-        raise NotImplementedError
+        check_queries(q, self.metric, self.dim)
 
     def _raw_search(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -115,10 +124,6 @@ class CosineIndex(_Base):
             raise IndexMismatch(f"descriptors of shape {x.shape} do not fit a cosine index of dimension {self.dim}")
         self.index.add(l2_normalise(x))
 
-    def _check(self, q: np.ndarray) -> None:
-        if q.ndim != 2 or q.shape[1] != self.dim or q.dtype == np.uint8:
-            raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a cosine index of {self.dim}-d float vectors")
-
     def _raw_search(self, q, k):
         return self.index.search(l2_normalise(q, "query descriptor"), k)
 
@@ -146,10 +151,6 @@ class HammingIndex(_Base):
         if codes.ndim != 2 or codes.shape[1] * 8 != self.dim:
             raise IndexMismatch(f"codes of shape {codes.shape} do not fit a Hamming index of {self.dim} bits")
         self.index.add(codes)
-
-    def _check(self, q: np.ndarray) -> None:
-        if q.ndim != 2 or q.dtype != np.uint8 or q.shape[1] * 8 != self.dim:
-            raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a Hamming index of {self.dim}-bit packed codes")
 
     def _raw_search(self, q, k):
         d, i = self.index.search(np.ascontiguousarray(q), k)

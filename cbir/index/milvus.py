@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import CbirError, IndexDamaged, IndexMismatch
 from .backend import SearchSpec
-from .faiss_index import l2_normalise
+from .faiss_index import check_queries, l2_normalise
 from .store import write_json_atomic
 
 #: the pointer file a Milvus-backed index folder holds instead of a faiss file
@@ -434,11 +434,7 @@ class MilvusBackend:
         """Nothing to learn client-side (Milvus trains IVF lists / PQ codebooks on the stored vectors)."""
 
     def _check(self, q: np.ndarray) -> None:
-        if self.metric == "hamming":
-            if q.ndim != 2 or q.dtype != np.uint8 or q.shape[1] * 8 != self.dim:
-                raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a Hamming index of {self.dim}-bit codes")
-        elif q.ndim != 2 or q.shape[1] != self.dim or q.dtype == np.uint8:
-            raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a cosine index of {self.dim}-d float vectors")
+        check_queries(q, self.metric, self.dim)
 
     def _prep(self, x: np.ndarray, what: str = "descriptor"):
         if self.metric == "hamming":

@@ -96,5 +96,5 @@ def test_mismatches_and_zero_vectors():
     h = HammingIndex(16)
     with pytest.raises(IndexMismatch, match="16 bits"):
         h.add(np.zeros((1, 1), np.uint8))
-    with pytest.raises(IndexMismatch, match="16-bit packed codes"):
+    with pytest.raises(IndexMismatch, match="16-bit codes"):
         h.search(np.zeros((1, 16), np.float32), 1)
