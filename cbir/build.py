@@ -26,9 +26,9 @@ from .index.store import STATE_FILE
 from .progress import bar as _progress, log as _log
 
 PathLike = Union[str, os.PathLike]
-#: local features stored for re-ranking: the 1024 strongest keypoints at up to 1024 px (re-ranking matches
-#: the 512 strongest by default; see cbir.local.rerank)
-LOCAL_DEFAULTS: Dict[str, Any] = {"max_keypoints": 1024, "max_side": 1024}
+#: local features stored for re-ranking by a plain extractor name (--local sift): the 1024 strongest keypoints at up to
+#: 1024 px; named confs (--local default) bring their own (cbir.local.confs)
+from .local.confs import LOCAL_DEFAULTS  # noqa: E402,F401
 #: bytes of rows the final write holds at once (features.h5 and the faiss index are written chunk by chunk)
 FINAL_CHUNK_BYTES = 64 << 20
 
@@ -342,7 +342,7 @@ def _open_local(b: _Build, local: Optional[str], local_conf: Optional[Dict[str, 
         return None, None
     from .local.store import LocalFeatureStore, make_local_extractor
 
-    local_ext = make_local_extractor(local, {**LOCAL_DEFAULTS, **(local_conf or {})})
+    local_ext = make_local_extractor(local, local_conf)  # LOCAL_DEFAULTS or the named conf, then local_conf
     path = b.work / "local.h5"
     try:
         writer = LocalFeatureStore(path, mode="a")

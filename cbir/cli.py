@@ -269,7 +269,8 @@ def cmd_query(a) -> int:
                             "use one (cbir eval combines them)")
         from .local.rerank import Reranker
 
-        res = Reranker(idx, a.rerank, conf=_rerank_conf(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top, failures=failures)
+        res = Reranker(idx, a.rerank, conf=_rerank_conf(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top, failures=failures,
+                                                                         with_matches=bool(a.grid))
     else:
         res = idx.query_images(a.images, top_k=a.top_k, failures=failures, expand=expand)
     if not res:
@@ -287,7 +288,7 @@ def cmd_query(a) -> int:
             print(f"  {'rank':>4}  {'score':>8}  {'label':<16} name")
             for r in q["results"]:
                 lab = r["label_name"] if r["label_name"] is not None else "-"
-                extra = f"  inliers {r['inliers']}" if "inliers" in r else ""
+                extra = (f"  inliers {r['inliers']}" + (", verified" if r.get("verified") else "")) if "inliers" in r else ""
                 print(f"  {r['rank']:>4}  {r['score']:>8.4f}  {tty_safe(lab):<16} {tty_safe(r['name'])}{extra}")
     if a.grid:
         failed = {f["position"] for f in failures}
@@ -311,8 +312,9 @@ def _rerank_conf(a) -> Dict[str, Any]:
 
 def _add_rerank(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("geometric re-ranking (index built with --local FEATURES)")
-    g.add_argument("--rerank", metavar="MATCHER", help="verify the top candidates and re-order them by RANSAC inliers: lighterglue (xfeat), "
-                   "lightglue (aliked, disk), mnn, kdtree, loftr (--weights)")
+    g.add_argument("--rerank", metavar="MATCHER", help="verify the top candidates and re-order them by RANSAC inliers: default (the "
+                   "cascade: batched mutual NN + MAGSAC for all, a second opinion for the open ones; cbir.local.confs), fast, seed000, "
+                   "or one matcher for all: lighterglue (xfeat), lightglue (aliked, disk), mnn, kdtree, loftr (--weights)")
     g.add_argument("--rerank-top", type=positive_int, default=100, help="candidates to verify per query (default: %(default)s)")
     g.add_argument("--rerank-keypoints", type=positive_int, help="strongest keypoints per image given to the matcher (default: 256 for "
                    "lightglue/lighterglue/superglue, whose cost grows with its square; 1024 for mnn/kdtree)")
@@ -373,8 +375,11 @@ def _grid(idx, res, out: str, positions: Optional[List[int]] = None, n_inputs: O
     n = len(res) if n_inputs is None else n_inputs
     for qi, q in zip(positions if positions is not None else range(len(res)), res):
         path = out if n == 1 else f"{base}_{qi}{ext or '.png'}"
-        imgs = [load(r["path"]) for r in q["results"]]
-        titles = [f"#{r['rank']} {r['label_name'] if r['label_name'] is not None else ''}\n{r['score']:.3f}" for r in q["results"]]
+        from .local.draw import overlay_hits  # verified re-ranked hits: query | hit with the inlier lines
+
+        imgs = overlay_hits(load(q["query"]), [load(r["path"]) for r in q["results"]], q["results"])
+        titles = [f"#{r['rank']} {r['label_name'] if r['label_name'] is not None else ''}\n{r['score']:.3f}"
+                  + (f", {r['inliers']} inliers" if r.get("verified") else "") for r in q["results"]]
         ql = q.get("query_label")
         correct = [None if ql is None or r["label"] is None else r["label"] == ql for r in q["results"]]
         result_grid(load(q["query"]), "query\n" + os.path.basename(q["query"]), imgs, titles, path, correct=correct)
@@ -508,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, metavar="DIR", help="index folder to write (replaced as a whole when complete)")
     b.add_argument("--strict", action="store_true", help="stop at the first unreadable image and write no index")
     _add_search_structure(b)
-    b.add_argument("--local", metavar="FEATURES", help="also store local features for re-ranking (local.h5): xfeat, aliked, disk, sift, rootsift")
+    b.add_argument("--local", metavar="FEATURES", help="also store local features for re-ranking (local.h5): default (RootSIFT, 256 "
+                   "keypoints, 24-d float16: 15 KB per image), xfeat-compact, or an extractor: xfeat, aliked, disk, sift, rootsift")
     b.add_argument("--batch-size", type=positive_int, default=16, help="images per network batch; bounds memory (default: %(default)s)")
     b.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s; 0: decode in the main thread)")
     b.add_argument("--json", action="store_true", help="print the build summary as JSON")

@@ -10,6 +10,10 @@ Everything is found by name::
 Extractors: sift, rootsift, aliked, aliked-n16rot, disk, xfeat, superpoint (user weights), delf (needs
 tensorflow). Matchers: mnn, kdtree, lightglue, lighterglue, superglue (user weights), loftr (detector-free, user
 weights). Importing this package is cheap: torch and kornia load when a learned model is built.
+
+Named configurations (:mod:`cbir.local.confs`): ``--local default`` stores compact RootSIFT (256 keypoints, 24-d
+float16, :mod:`cbir.local.compact`) and ``--rerank default`` is the verification cascade of :mod:`cbir.local.cascade`;
+every fit can be judged by :func:`cbir.local.verify.verdict`.
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
     m.add_argument("--conf", nargs="*", metavar="KEY=VALUE", help="options of the features, e.g. max_keypoints=4096")
     m.add_argument("--matcher-conf", nargs="*", metavar="KEY=VALUE", help="options of the matcher, e.g. ratio_threshold=0.8")
     m.add_argument("--verify-conf", nargs="*", metavar="KEY=VALUE", help="options of the model fit, e.g. method=magsac threshold=3")
+    m.add_argument("--verdict-conf", nargs="*", metavar="KEY=VALUE", help="the rule a model must pass to be 'verified': min_inliers (15), "
+                   "min_inlier_ratio (0.05), max_scale (8), min_spread (0.002)")
     m.add_argument("--out", metavar="PNG", help="draw the matches (and the warped overlap when a homography is found)")
     m.add_argument("--json", action="store_true", help="print the result as JSON")
     m.add_argument("--with-matches", action="store_true", help="with --json: include the matched points and inlier flags")
@@ -78,6 +80,10 @@ def cmd_match(a) -> int:
         print("matchers:", ", ".join(matcher_names()))
         print("learned matchers: lightglue (aliked, aliked-n16rot, disk; superpoint with user weights), lighterglue (xfeat), "
               "superglue (superpoint), loftr (features none)")
+        from .confs import local_names, rerank_names
+
+        print("named local features (index build --local):", ", ".join(local_names()))
+        print("named re-rankers (--rerank):", ", ".join(rerank_names()))
         return 0
     if not a.image0 or not a.image1:
         raise CbirError("cbir match needs two images (or --list)")
@@ -100,6 +106,7 @@ def cmd_match(a) -> int:
         max_side=a.max_side or None, device=a.device,
         extractor_conf=parse_options(a.conf, "--conf") or None,
         matcher_conf=matcher_conf or None, verify_conf=verify_conf or None,
+        verdict_rule=parse_options(a.verdict_conf, "--verdict-conf") or None,
     )
     if a.json:
         shown = result if a.with_matches else {k: v for k, v in result.items() if k not in ARRAY_KEYS}
@@ -107,6 +114,10 @@ def cmd_match(a) -> int:
         return 0
     print(f"{result['image0']} -> {result['image1']}: {result['features'] or ''}+{result['matcher']}, {result['model']}")
     print(f"  keypoints {result['n_keypoints0']} / {result['n_keypoints1']}, matches {result['n_matches']}, inliers {result['n_inliers']}")
+    v = result["verdict"]
+    rule = v["rule"]
+    print(f"  verified: {'yes' if result['verified'] else 'no (' + str(v['reason']) + ')'}  [rule: >= {rule['min_inliers']} inliers, "
+          f"inlier ratio >= {rule['min_inlier_ratio']}, a well-conditioned model]")
     if result["model_matrix"] is not None:
         for row in result["model_matrix"]:
             print("  " + "  ".join(f"{v: .6g}" for v in row))

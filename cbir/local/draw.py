@@ -1,15 +1,18 @@
 """Drawing of a :func:`cbir.local.pair.match_images` result to a PNG (OpenCV only, no GUI).
 
-Top panel: both images side by side, inlier matches as solid green lines, outliers faint red. Second panel, when
-a homography was found (seed 001 §2.3): image 1 warped into image 0's frame, and the two blended where they
-overlap, so a correct registration reads as a sharp, ghost-free overlay.
+Top panel: both images side by side, inlier matches as solid green lines, outliers faint red, and the verdict
+(verified, or why not). Second panel, when a homography was found (seed 001 §2.3): image 1 warped into image 0's
+frame, and the two blended where they overlap, so a correct registration reads as a sharp, ghost-free overlay.
+
+:func:`hit_overlay` draws one re-ranked hit for a result grid: the query and the hit at thumbnail size with the
+inlier lines between them, so a person sees what matched.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -62,12 +65,17 @@ def matches_panel(img0: np.ndarray, img1: np.ndarray, result: Mapping[str, Any],
         cv2.line(canvas, p, q, INLIER, 1, cv2.LINE_AA)
         cv2.circle(canvas, p, 2, INLIER, -1, cv2.LINE_AA)
         cv2.circle(canvas, q, 2, INLIER, -1, cv2.LINE_AA)
-    _label(canvas, f"{result.get('features') or ''}+{result.get('matcher', '')}: {int(inl.sum())} inliers / {len(k0)} matches")
+    text = f"{result.get('features') or ''}+{result.get('matcher', '')}: {int(inl.sum())} inliers / {len(k0)} matches"
+    if "verified" in result:
+        v = result.get("verdict") or {}
+        text += ", verified" if result["verified"] else f", NOT verified ({v.get('reason') or 'see verdict'})"
+    _label(canvas, text)
     return canvas
 
 
-def overlap_panel(img0: np.ndarray, img1: np.ndarray, H) -> Optional[np.ndarray]:
-    """Image 1 warped into image 0's frame (``H`` maps 0 -> 1), next to the 50/50 blend of the overlap."""
+def overlap_panel(img0: np.ndarray, img1: np.ndarray, H, verified: bool = True) -> Optional[np.ndarray]:
+    """Image 1 warped into image 0's frame (``H`` maps 0 -> 1), next to the 50/50 blend of the overlap (labelled
+    when the model failed its verdict)."""
     import cv2
 
     H = np.asarray(H, np.float64)
@@ -81,7 +89,7 @@ def overlap_panel(img0: np.ndarray, img1: np.ndarray, H) -> Optional[np.ndarray]
     blend = (img0.astype(np.float32) * 0.35).astype(np.uint8)
     blend[valid] = ((img0[valid].astype(np.uint16) + warped[valid].astype(np.uint16)) // 2).astype(np.uint8)
     left, right = warped.copy(), blend
-    _label(left, "image 1 warped into image 0")
+    _label(left, "image 1 warped into image 0" + ("" if verified else " (model NOT verified)"))
     _label(right, f"overlap blend ({100.0 * valid.mean():.0f}% of image 0)")
     return _side_by_side(left, right)
 
@@ -95,7 +103,7 @@ def draw_matches(img0: np.ndarray, img1: np.ndarray, result: Mapping[str, Any], 
     img0, img1 = as_rgb8(img0), as_rgb8(img1)
     panels = [matches_panel(img0, img1, result)]
     if result.get("homography") is not None:
-        p = overlap_panel(img0, img1, result["homography"])
+        p = overlap_panel(img0, img1, result["homography"], verified=bool(result.get("verified", True)))
         if p is not None:
             panels.append(p)
     width = max(p.shape[1] for p in panels)
@@ -113,3 +121,60 @@ def draw_matches(img0: np.ndarray, img1: np.ndarray, result: Mapping[str, Any], 
 
         raise CbirError(f"{out}: could not write the figure (is the extension .png?)")
     return str(out)
+
+
+def hit_overlay(query: Optional[np.ndarray], hit: Optional[np.ndarray], match: Mapping[str, Any], size: int = 200,
+                max_lines: int = 40) -> Optional[np.ndarray]:
+    """The query and a verified hit with the inlier lines of ``match`` between them: stacked (query on top) when the
+    query is landscape, side by side otherwise, each scaled to ``size`` px across the shared side.
+
+    ``match`` is what ``Reranker.query_images(..., with_matches=True)`` puts in a result: ``points0`` / ``points1`` in
+    the frames ``size0`` / ``size1`` (``(W, H)``), which may differ from the images given (thumbnails): points are
+    scaled to them. Returns None when an image is missing.
+    """
+    import cv2
+
+    from .base import as_rgb8
+
+    if query is None or hit is None:
+        return None
+    query, hit = as_rgb8(query), as_rgb8(hit)
+    stacked = query.shape[1] >= query.shape[0]
+    panels, scales = [], []
+    for img, frame in ((query, match.get("size0")), (hit, match.get("size1"))):
+        h, w = img.shape[:2]
+        f = size / float(w if stacked else h)
+        small = cv2.resize(img, (max(1, int(round(w * f))), max(1, int(round(h * f)))), interpolation=cv2.INTER_AREA)
+        fw, fh = frame if frame else (w, h)
+        scales.append(np.array([small.shape[1] / float(fw), small.shape[0] / float(fh)]))
+        panels.append(small)
+    gap = 4
+    if stacked:
+        width = max(p.shape[1] for p in panels)
+        canvas = np.full((panels[0].shape[0] + gap + panels[1].shape[0], width, 3), 255, np.uint8)
+        canvas[: panels[0].shape[0], : panels[0].shape[1]] = panels[0]
+        canvas[panels[0].shape[0] + gap :, : panels[1].shape[1]] = panels[1]
+        offset = np.array([0.0, panels[0].shape[0] + gap])
+    else:
+        canvas = _side_by_side(panels[0], panels[1], gap)
+        offset = np.array([panels[0].shape[1] + gap, 0.0])
+    p0 = np.asarray(match.get("points0", []), np.float64).reshape(-1, 2)
+    p1 = np.asarray(match.get("points1", []), np.float64).reshape(-1, 2)
+    for i in _spread(np.arange(min(len(p0), len(p1))), max_lines):
+        a = (p0[i] + 0.5) * scales[0] - 0.5
+        b = (p1[i] + 0.5) * scales[1] - 0.5 + offset
+        pa, pb = (int(round(a[0])), int(round(a[1]))), (int(round(b[0])), int(round(b[1])))
+        cv2.line(canvas, pa, pb, INLIER, 1, cv2.LINE_AA)
+        cv2.circle(canvas, pa, 2, INLIER, -1, cv2.LINE_AA)
+        cv2.circle(canvas, pb, 2, INLIER, -1, cv2.LINE_AA)
+    return canvas
+
+
+def overlay_hits(query: Optional[np.ndarray], images: Sequence[Optional[np.ndarray]], results: Sequence[Mapping[str, Any]]) -> list:
+    """``images`` with every verified result that carries a ``match`` replaced by its :func:`hit_overlay`."""
+    out = []
+    for img, r in zip(images, results):
+        m = r.get("match") if r.get("verified") else None
+        drawn = hit_overlay(query, img, m) if m else None
+        out.append(drawn if drawn is not None else img)
+    return out

@@ -7,7 +7,7 @@ that bound.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -145,3 +145,83 @@ class KDTree(SparseMatcher):
             "matches": np.stack([idx[valid], i1], axis=1).astype(np.int64).reshape(-1, 2),
             "scores": (1.0 - dist[valid] / ub).astype(np.float32),
         }
+
+
+def batched_mutual_nn(query: np.ndarray, candidates: Sequence[np.ndarray], max_elements: int = 16_000_000,
+                      min_similarity: Optional[float] = None, with_ratio: bool = False) -> List[Tuple[np.ndarray, ...]]:
+    """Mutual nearest neighbours of ``query`` ``(Nq, D)`` against every candidate ``(Ni, D)`` at once.
+
+    The candidates are stacked into one zero-padded ``(C, Nmax, D)`` block per chunk, and one matrix product
+    ``(C * Nmax, D) x (D, Nq)`` (torch) gives every similarity; padded rows are masked out, and both arg-maxes run over
+    the whole block, so no Python loop runs per pair except to slice the results. Chunks keep ``C * Nmax * Nq`` under
+    ``max_elements``. Descriptors are expected L2-normalised (float32 or float16). ``min_similarity`` drops mutual
+    pairs below that dot product.
+
+    Returns per candidate ``(i_query, i_candidate, similarity)``, and with ``with_ratio`` a fourth array: Lowe's ratio
+    of each match, the L2 distance to the candidate keypoint's nearest query descriptor over that to its second
+    nearest (one more max over the block; 1 when the query has a single descriptor).
+    """
+    import torch
+
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    tq = torch.from_numpy(q)
+    out: List[Tuple[np.ndarray, ...]] = []
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)) + ((np.zeros(0, np.float32),) if with_ratio else ())
+    nq = q.shape[0]
+    sizes = [int(np.asarray(c).shape[0]) for c in candidates]
+    for k, c in enumerate(candidates):
+        if sizes[k] and np.asarray(c).shape[1] != q.shape[1]:
+            raise CbirError(f"mutual NN: candidate {k} has {np.asarray(c).shape[1]}-D descriptors, the query {q.shape[1]}-D")
+    start = 0
+    while start < len(candidates):
+        # grow the chunk while C * Nmax * Nq stays under the bound (one candidate at least)
+        stop, nmax = start, 0
+        while stop < len(candidates):
+            m = max(nmax, sizes[stop])
+            if stop > start and (stop - start + 1) * m * max(nq, 1) > max_elements:
+                break
+            nmax, stop = m, stop + 1
+        chunk = range(start, stop)
+        start = stop
+        if nq == 0 or nmax == 0:
+            out.extend(empty for _ in chunk)
+            continue
+        C = len(chunk)
+        block = np.zeros((C, nmax, q.shape[1]), np.float32)
+        pad = np.zeros((C, nmax), bool)
+        for j, k in enumerate(chunk):
+            block[j, : sizes[k]] = candidates[k]
+            pad[j, sizes[k] :] = True
+        with torch.inference_mode():
+            sim = torch.matmul(torch.from_numpy(block).reshape(C * nmax, -1), tq.T).reshape(C, nmax, nq)
+            if pad.any():
+                sim[torch.from_numpy(pad)] = -torch.inf  # padded rows never win
+            best_sim_t, best_c_t = sim.max(dim=1)  # (C, Nq): best candidate row for each query row
+            if with_ratio and nq > 1:
+                top2, top2_i = sim.topk(2, dim=2)  # (C, Nmax, 2): each candidate row's two best query rows
+                best_q_t, second_t = top2_i[..., 0], top2[..., 1]
+            else:
+                best_q_t, second_t = sim.argmax(dim=2), None
+            back = torch.gather(best_q_t, 1, best_c_t)  # (C, Nq)
+            mutual_t = back == torch.arange(nq)[None, :]
+            if min_similarity is not None:
+                mutual_t &= best_sim_t >= float(min_similarity)
+            ratio_t = None
+            if with_ratio:
+                if second_t is not None:
+                    second_at = torch.gather(second_t, 1, best_c_t)  # at the matched candidate row
+                    d1 = torch.sqrt(torch.clamp(2.0 - 2.0 * best_sim_t, min=0.0))
+                    d2 = torch.sqrt(torch.clamp(2.0 - 2.0 * second_at, min=0.0))
+                    ratio_t = torch.where(d2 > 0, d1 / torch.clamp(d2, min=1e-12), torch.ones_like(d1))
+                else:
+                    ratio_t = torch.ones_like(best_sim_t)
+        mutual, best_c, best_sim = mutual_t.numpy(), best_c_t.numpy(), best_sim_t.numpy()
+        ratio = None if ratio_t is None else ratio_t.numpy().astype(np.float32)
+        for j, k in enumerate(chunk):
+            if sizes[k] == 0:
+                out.append(empty)
+                continue
+            i0 = np.flatnonzero(mutual[j])
+            r = (i0.astype(np.int64), best_c[j, i0].astype(np.int64), best_sim[j, i0].astype(np.float32))
+            out.append(r + ((ratio[j, i0],) if with_ratio else ()))
+    return out

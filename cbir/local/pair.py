@@ -59,6 +59,7 @@ def match_images(
     extractor_conf: Optional[Dict[str, Any]] = None,
     matcher_conf: Optional[Dict[str, Any]] = None,
     verify_conf: Optional[Dict[str, Any]] = None,
+    verdict_rule: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Match RGB ``uint8`` images ``img0`` and ``img1`` and verify the matches with ``model``.
 
@@ -68,8 +69,10 @@ def match_images(
 
     Returns a JSON-able dict: ``features``, ``matcher``, ``model``, ``image_size0/1`` (W, H), ``n_keypoints0/1``,
     ``n_matches``, ``n_inliers``, ``homography`` (3x3 list or None), ``model_matrix`` (the fitted model, any kind),
-    ``seconds`` (extract, match, verify, total; model building excluded), and for drawing ``mkpts0``, ``mkpts1``
-    (matched points), ``match_scores`` and ``inliers`` (bool per match).
+    ``seconds`` (extract, match, verify, total; model building excluded), ``verified`` and ``verdict`` (whether the
+    model is one to trust, the rule and which check failed: :func:`cbir.local.verify.verdict`, ``verdict_rule``
+    overrides :data:`~cbir.local.verify.VERDICT_RULE`), and for drawing ``mkpts0``, ``mkpts1`` (matched points),
+    ``match_scores`` and ``inliers`` (bool per match).
     """
     from . import load_plugins
 
@@ -104,6 +107,7 @@ def match_images(
     v = verify(k0, k1, model, **(verify_conf or {}))
     seconds["verify"] = time.perf_counter() - t
     seconds["total"] = seconds["extract"] + seconds["match"] + seconds["verify"]
+    why = v.verdict(k0, image_size0=(img0.shape[1], img0.shape[0]), rule=verdict_rule)
 
     matrix = None if v.matrix is None else v.matrix.tolist()
     return {
@@ -118,6 +122,8 @@ def match_images(
         "n_inliers": v.score,
         "homography": matrix if model == "homography" else None,
         "model_matrix": matrix,
+        "verified": why["verified"],
+        "verdict": why,
         "seconds": {k: round(val, 4) for k, val in seconds.items()},
         "mkpts0": np.round(k0, 2).tolist(),
         "mkpts1": np.round(k1, 2).tolist(),

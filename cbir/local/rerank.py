@@ -5,14 +5,22 @@ detector-free matcher (``loftr``) takes RGB images. The matcher's :meth:`match_m
 candidates are processed in chunks of ``chunk`` so memory stays bounded however long the shortlist is.
 
 :class:`Reranker` re-orders an index's ranked list: the ``top`` first candidates are verified against the query,
-those with at least ``min_inliers`` inliers move to the front by decreasing inlier count (ties keep the global
-order), the others keep their global order after them, and the tail beyond ``top`` is untouched.
+the verified ones (at least ``min_inliers`` inliers and, unless ``verdict`` is None, a model that passes
+:func:`~cbir.local.verify.verdict`) move to the front by decreasing inlier count (ties keep the global order), the
+others keep their global order after them, and the tail beyond ``top`` is untouched.
+
+``Reranker(index, NAME)`` takes a matcher name (``mnn``, ``lighterglue``...: one matcher for every candidate) or a
+named conf of :data:`cbir.local.confs.RERANK_CONFS`: ``default`` is the verification cascade of
+:mod:`cbir.local.cascade` (batched mutual NN + MAGSAC for all, a second opinion for the open ones), ``seed000`` the
+seed's kd-tree + affine RANSAC recipe. Gallery features are read from ``local.h5`` for the candidates only and kept in
+an LRU cache shared by every re-ranker of the same index file in the process.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -84,20 +92,31 @@ class Reranker:
     keypoints of each image that are matched; None: :data:`ATTENTION_KEYPOINTS` for the attention matchers, whose cost
     grows with its square, :data:`OTHER_KEYPOINTS` for the rest), ``rotations`` ([0]: angles in degrees, multiples of
     90, by which the query is also turned; a candidate scores its best view. The learned features and matchers are
-    not rotation invariant, SIFT is; each angle costs one more query extraction and one more match per candidate).
+    not rotation invariant, SIFT is; each angle costs one more query extraction and one more match per candidate),
+    ``verdict`` (None: a candidate is verified by its inlier count alone, as before; a dict: the rule of
+    :func:`~cbir.local.verify.verdict` with ``min_inliers``), and for a cascade (``cascade`` True, see
+    :mod:`cbir.local.cascade`) ``min_matches`` and ``second``. A named conf (``matcher="default"``) fills these in.
     """
 
     DEFAULTS: Dict[str, Any] = {"model": "homography", "verify": {}, "min_inliers": 15, "matcher_conf": {}, "weights": None,
-                                "device": "cpu", "cache_mb": 256, "max_keypoints": None, "rotations": [0]}
+                                "device": "cpu", "cache_mb": 256, "max_keypoints": None, "rotations": [0],
+                                "verdict": None, "min_matches": 0, "cascade": False, "second": None}
 
     def __init__(self, index, matcher: str, conf: Optional[Dict[str, Any]] = None) -> None:
-        from . import build_matcher
+        from . import build_matcher, matcher_names
         from .base import merge_conf
-        from .store import LocalFeatureStore
+        from .confs import rerank_conf, rerank_names
 
         self.index = index
-        self.conf = merge_conf(self.DEFAULTS, conf or {}, "re-ranking")
-        if self.conf["max_keypoints"] is None:
+        self.name = str(matcher)
+        named = rerank_conf(self.name)
+        if named is not None:
+            matcher = named.pop("matcher")
+        elif self.name not in matcher_names():
+            raise CbirError(f"unknown re-ranker {self.name!r}; choose a named one ({', '.join(rerank_names())}) or a matcher "
+                            f"({', '.join(matcher_names())})")
+        self.conf = merge_conf(self.DEFAULTS, {**(named or {}), **(conf or {})}, "re-ranking")
+        if self.conf["max_keypoints"] is None and not self.conf["cascade"]:
             self.conf["max_keypoints"] = ATTENTION_KEYPOINTS if matcher in ATTENTION_MATCHERS else OTHER_KEYPOINTS
         rots = [int(r) for r in (self.conf["rotations"] or [0])]
         if any(r % 90 for r in rots):
@@ -106,27 +125,40 @@ class Reranker:
         local = (index.manifest.get("local") or {}) if hasattr(index, "manifest") else {}
         if not local.get("name"):
             raise CbirError(f"{index.folder}: the index holds no local features; rebuild it with --local FEATURES to re-rank")
-        self.features = str(local["name"])
         self.identity = local.get("identity") or {}
+        # the registered extractor (an index built with --local default records its conf's name in "name")
+        self.features = str(self.identity.get("name") or local["name"])
+        self.projected = bool((self.identity.get("conf") or {}).get("project"))
+        if self.projected and matcher not in ("mnn", "kdtree"):
+            raise CbirError(f"{index.folder}: its local features are projected to {self.identity.get('descriptor_dim')}-d "
+                            f"({local['name']}); {matcher!r} needs the extractor's own descriptors: use a nearest-neighbour "
+                            "matcher (--rerank default, mnn, kdtree) or rebuild with --local FEATURES")
         self.matcher: Matcher = build_matcher(matcher, features=None if _detector_free(matcher) else self.features,
-                                              weights=self.conf["weights"], device=self.conf["device"], **self.conf["matcher_conf"])
-        self.store = None if self.matcher.detector_free else (
-            index.open_local() if hasattr(index, "open_local") else LocalFeatureStore(index.folder / "local.h5", mode="r"))
+                                              weights=self.conf["weights"], device=self.conf["device"],
+                                              **({} if self.conf["cascade"] else self.conf["matcher_conf"]))
+        self.cascade = None
+        if self.conf["cascade"]:
+            from .cascade import Cascade
+
+            if matcher != "mnn":
+                raise CbirError(f"re-ranking cascade: the first stage is the batched mutual NN ('mnn'), got {matcher!r}")
+            self.cascade = Cascade(self.conf, self.features, projected=self.projected, device=self.conf["device"])
+        self.store = None if self.matcher.detector_free else shared_store(index)
         self._extractor = None
-        self._cache: "OrderedDict[int, Any]" = OrderedDict()
-        self._cache_bytes = 0
+        self._cache = _feature_cache(self.store, self.conf) if self.store is not None else _FeatureCache(int(self.conf["cache_mb"]))
         self.last_inliers: Dict[int, int] = {}
+        self.last_results: Dict[int, Dict[str, Any]] = {}
+        self.keep_points = False
+        self.timing: Dict[str, float] = {}
 
     # -- features
     @property
     def extractor(self):
         """The local extractor exactly as the index recorded it (built on first use, for queries outside the index)."""
         if self._extractor is None:
-            from .store import make_local_extractor
+            from .store import local_extractor_from_identity
 
-            conf = dict(self.identity.get("conf") or {})
-            conf["max_side"] = self.identity.get("max_side")
-            self._extractor = make_local_extractor(self.features, conf)
+            self._extractor = local_extractor_from_identity({**self.identity, "name": self.features})
         return self._extractor
 
     def _max_side(self) -> Optional[int]:
@@ -141,23 +173,22 @@ class Reranker:
         return decode_image(path, max_side=self._max_side())
 
     def _candidate(self, i: int):
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
         if self.matcher.detector_free:
-            item = self._image(self.index.paths[i])
-        else:
-            name = str(self.index.names[i])
+            key = ("image", int(i))
+            item = self._cache.get(key)
+            if item is None:
+                item = self._cache.put(key, self._image(self.index.paths[i]))
+            return item
+        return self._stored(str(self.index.names[i]))
+
+    def _stored(self, name: str):
+        """Stored features of ``name`` (float32, unit descriptors, the ``max_keypoints`` strongest), or None."""
+        key = (name, self.conf["max_keypoints"])
+        item = self._cache.get(key)
+        if item is None:
             if name not in self.store:
                 return None
-            item = strongest(self.store.get(name), self.conf["max_keypoints"])
-        size = sum(np.asarray(v).nbytes for v in item.values()) if isinstance(item, dict) else np.asarray(item).nbytes
-        self._cache[i] = item
-        self._cache_bytes += size
-        limit = int(self.conf["cache_mb"]) << 20
-        while self._cache_bytes > limit and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= sum(np.asarray(v).nbytes for v in old.values()) if isinstance(old, dict) else np.asarray(old).nbytes
+            item = self._cache.put(key, _prepared(self.store.get(name), self.conf["max_keypoints"]))
         return item
 
     def query_item(self, entry) -> Any:
@@ -165,7 +196,7 @@ class Reranker:
         :class:`QueryViews` of them when ``rotations`` asks for turned copies."""
         stored = None
         if not self.matcher.detector_free and self.store is not None and entry.name in self.store:
-            stored = strongest(self.store.get(entry.name), self.conf["max_keypoints"])
+            stored = self._stored(entry.name)
             if self.conf["rotations"] == [0]:
                 return stored
         return self._query_views(self._image(entry.path), stored)
@@ -178,14 +209,20 @@ class Reranker:
                 views.append(stored)
                 continue
             turned = np.ascontiguousarray(np.rot90(img, k=rot // 90))  # counter-clockwise
-            views.append(turned if self.matcher.detector_free else strongest(self.extractor.extract(turned), self.conf["max_keypoints"]))
+            views.append(turned if self.matcher.detector_free else _prepared(self.extractor.extract(turned), self.conf["max_keypoints"]))
         return views[0] if len(views) == 1 else QueryViews(views)
 
     # -- ranking
     def rerank_item(self, query: Any, ids: np.ndarray, top: int = 100) -> np.ndarray:
-        """Re-ordered ``ids`` (same length) for a query given as features (or image); see the module docstring."""
+        """Re-ordered ``ids`` (same length) for a query given as features (or image); see the module docstring.
+
+        Afterwards ``last_inliers`` maps each candidate row to its inlier count (-1: no features) and ``last_results``
+        to its full result (``verified``, ``stage``, ``n_matches``, ``reason``, ``matrix``; the inliers' ``points0`` /
+        ``points1`` when ``keep_points`` is set).
+        """
         ids = np.asarray(ids)
         head = [int(i) for i in ids[: max(0, int(top))]]
+        t = time.perf_counter()
         cands, where = [], []
         for k, i in enumerate(head):
             if i < 0:
@@ -194,27 +231,78 @@ class Reranker:
             if c is not None:
                 cands.append(c)
                 where.append(k)
+        self._time("read_s", time.perf_counter() - t)
         views = query if isinstance(query, QueryViews) else [query]
-        scores = np.max([rerank_scores(v, cands, self.matcher, self.conf["model"], self.conf["verify"]) for v in views], axis=0) \
-            if cands else []
+        best: List[Optional[Dict[str, Any]]] = [None] * len(cands)
+        for v in views:
+            res = self._results(v, cands) if cands else []
+            for j, r in enumerate(res):
+                if best[j] is None or (r["verified"], r["n_inliers"]) > (best[j]["verified"], best[j]["n_inliers"]):
+                    best[j] = r
+        scores = np.full(len(head), -1, np.int64)
         inliers = np.full(len(head), -1, np.int64)
-        inliers[where] = scores
+        self.last_results = {}
+        for k, r in zip(where, best):
+            inliers[k] = r["n_inliers"]
+            scores[k] = r["n_inliers"] if r["verified"] else -1
+            self.last_results[head[k]] = r
         self.last_inliers = {i: int(s) for i, s in zip(head, inliers) if i >= 0}
-        return reorder(ids, inliers, int(self.conf["min_inliers"]))
+        self._time("queries", 1)
+        return reorder(ids, scores, 0)
+
+    def _results(self, query: Any, cands: List[Any]) -> List[Dict[str, Any]]:
+        """One result per candidate: the cascade's, or the single matcher's with the verdict of ``conf['verdict']``."""
+        if self.cascade is not None:
+            before = dict(self.cascade.stats)
+            res = self.cascade.score(query, cands, keep_points=self.keep_points)
+            for k, v in self.cascade.stats.items():
+                self._time(k, v - before.get(k, 0.0))
+            return res
+        from .cascade import pair_result
+
+        vc = self.conf["verify"]
+        rule = None if self.conf["verdict"] is None else {"min_inlier_ratio": 0.0, "min_spread": 0.0, **self.conf["verdict"],
+                                                          "min_inliers": int(self.conf["min_inliers"])}
+        out: List[Dict[str, Any]] = []
+        qsize = None if self.matcher.detector_free else np.asarray(query["image_size"]).reshape(2)
+        for start in range(0, len(cands), 32):
+            block = cands[start : start + 32]
+            t = time.perf_counter()
+            matched = self.matcher.match_many(query, block)
+            self._time("match_s", time.perf_counter() - t)
+            t = time.perf_counter()
+            for cand, res in zip(block, matched):
+                corr = res if self.matcher.detector_free else correspondences(query, cand, res)
+                a, b = corr["keypoints0"], corr["keypoints1"]
+                v = verify(a, b, self.conf["model"], **vc)
+                if rule is None:
+                    why = {"verified": v.score >= int(self.conf["min_inliers"]), "reason": None}
+                else:
+                    why = v.verdict(a, image_size0=qsize if qsize is not None else (query.shape[1], query.shape[0]), rule=rule)
+                out.append(pair_result(v, a, b, len(a), why, 1, self.keep_points))
+            self._time("fit_s", time.perf_counter() - t)
+            self._time("pairs", len(block))
+            self._time("fitted", len(block))
+        return out
+
+    def _time(self, key: str, value: float) -> None:
+        self.timing[key] = self.timing.get(key, 0.0) + value
 
     def rerank(self, entry, ids: np.ndarray, scores: Optional[np.ndarray] = None, top: int = 100) -> np.ndarray:
         """The engine's call: re-order the ranked gallery rows ``ids`` of query ``entry`` (an ``Entry``)."""
         return self.rerank_item(self.query_item(entry), ids, top)
 
     def query_images(self, paths: Sequence, top_k: int = 10, top: int = 100,
-                     failures: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
-        """Like ``Index.query_images``, re-ranked; each verified result carries its ``inliers``.
+                     failures: Optional[List[Dict[str, Any]]] = None, with_matches: bool = False) -> List[Dict[str, Any]]:
+        """Like ``Index.query_images``, re-ranked; each re-ranked result carries its ``inliers`` and ``verified``.
 
         ``failures``: as in ``Index.query_images`` (a list: unreadable queries are appended there as
         ``{"path", "cause", "position"}`` and the others answered; None: the first one raises).
+        ``with_matches``: verified results also carry ``match``: the inliers as ``points0`` (query) and ``points1``
+        (result) in the frames ``size0`` / ``size1`` (``(W, H)`` of the images the features were extracted from),
+        what ``--grid`` draws.
         """
         from ..data import decode_image
-        from ..errors import IndexMismatch
 
         if int(top_k) < 1:
             raise CbirError(f"top_k must be a positive number of results, got {top_k}")
@@ -232,33 +320,52 @@ class Reranker:
                 query_failed(failures, p, pos, err)
                 continue
             score_of = {int(i): float(v) for i, v in zip(ids[0], s[0]) if i >= 0}
-            new = self.rerank_item(views, ids[0], top=top)
+            self.keep_points = bool(with_matches)
+            try:
+                new = self.rerank_item(views, ids[0], top=top)
+            finally:
+                self.keep_points = False
+            qsize = _frame(views[0] if isinstance(views, QueryViews) else views)
             results = []
             for r, i in enumerate([int(i) for i in new if i >= 0][: int(top_k)]):
                 row = idx.result(i, score_of[i], r + 1)
                 if i in self.last_inliers and self.last_inliers[i] >= 0:
+                    res = self.last_results[i]
                     row["inliers"] = self.last_inliers[i]
+                    row["verified"] = bool(res["verified"])
+                    if with_matches and res["verified"] and "points0" in res:
+                        row["match"] = {"points0": np.round(res["points0"], 1).tolist(), "points1": np.round(res["points1"], 1).tolist(),
+                                        "size0": qsize, "size1": _frame(self._candidate(i))}
                 results.append(row)
-            row_q = idx._row_of_path(p)
+            row_q = query_row(idx, p)
             out.append({"query": str(p), "query_label": None if row_q is None else idx.labels[row_q],
                         "seconds": round(time.time() - t0, 4), "results": results})
         return out
 
     def describe(self) -> Dict[str, Any]:
-        """What the report records about the re-ranking."""
+        """What the report records about the re-ranking, with ``timing``: seconds and counts per stage so far
+        (``read_s`` candidate features, ``match_s`` matching, ``fit_s`` first-stage fits, ``second_s`` the second
+        stage; ``pairs``, ``fitted``, ``second``, ``queries``) and each stage's ``share`` of their sum."""
+        t = {k: (round(v, 4) if k.endswith("_s") else int(v)) for k, v in sorted(self.timing.items())}
+        total = sum(v for k, v in self.timing.items() if k.endswith("_s"))
+        share = {k[:-2]: round(v / total, 3) for k, v in sorted(self.timing.items()) if k.endswith("_s")} if total > 0 else {}
         return {
+            "name": self.name,
             "features": None if self.matcher.detector_free else self.features,
-            "matcher_conf": dict(self.matcher.conf),
+            "projected": self.projected,
+            "matcher_conf": dict(self.matcher.conf) if self.cascade is None else dict(self.conf["matcher_conf"]),
             "model": self.conf["model"],
             "verify": dict(self.conf["verify"]),
             "min_inliers": int(self.conf["min_inliers"]),
+            "verdict": None if self.conf["verdict"] is None else dict(self.conf["verdict"]),
             "max_keypoints": self.conf["max_keypoints"],
             "rotations": list(self.conf["rotations"]),
+            "cascade": None if self.cascade is None else self.cascade.describe(),
+            "timing": {**t, "share": share},
         }
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        """Nothing to release: the store stays open for the next re-ranker of the same index (see :func:`shared_store`)."""
 
 
 def strongest(feats: Dict[str, np.ndarray], k: Optional[int]) -> Dict[str, np.ndarray]:
@@ -267,6 +374,101 @@ def strongest(feats: Dict[str, np.ndarray], k: Optional[int]) -> Dict[str, np.nd
         return feats
     o = np.argsort(-np.asarray(feats["scores"]), kind="stable")[: int(k)]
     return {**feats, "keypoints": feats["keypoints"][o], "descriptors": feats["descriptors"][o], "scores": feats["scores"][o]}
+
+
+def _prepared(feats: Dict[str, np.ndarray], k: Optional[int]) -> Dict[str, np.ndarray]:
+    """Features as matchers read them: float32, unit descriptors, the ``k`` strongest keypoints."""
+    from .compact import as_float32
+
+    f = as_float32(strongest(feats, k))
+    d = f["descriptors"]
+    if d.size:
+        f["descriptors"] = np.ascontiguousarray(d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+    return f
+
+
+def _frame(item: Any) -> Optional[List[int]]:
+    """``[W, H]`` of the frame a features dict (or image) is in."""
+    if isinstance(item, dict):
+        return [int(x) for x in np.asarray(item["image_size"]).reshape(2)]
+    if isinstance(item, np.ndarray) and item.ndim >= 2:
+        return [int(item.shape[1]), int(item.shape[0])]
+    return None
+
+
+def query_row(index, path) -> Optional[int]:
+    """The gallery row of the image file ``path`` (None when it is not in the gallery): by resolved path."""
+    from pathlib import Path
+
+    paths = np.asarray(index.paths, dtype=object)
+    hits = np.flatnonzero(paths == str(Path(path).resolve()))
+    return int(hits[0]) if len(hits) else None
+
+
+class _FeatureCache:
+    """LRU cache of prepared features (or images) bounded by ``cache_mb``."""
+
+    def __init__(self, cache_mb: int) -> None:
+        self.limit = int(cache_mb) << 20
+        self.items: "OrderedDict[Any, Any]" = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def _size(item: Any) -> int:
+        return sum(np.asarray(v).nbytes for v in item.values()) if isinstance(item, dict) else np.asarray(item).nbytes
+
+    def get(self, key):
+        item = self.items.get(key)
+        if item is not None:
+            self.items.move_to_end(key)
+        return item
+
+    def put(self, key, item):
+        if key in self.items:
+            self.bytes -= self._size(self.items.pop(key))
+        self.items[key] = item
+        self.bytes += self._size(item)
+        while self.bytes > self.limit and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= self._size(old)
+        return item
+
+
+#: open ``local.h5`` files by (path, size, mtime), each with its feature cache: re-rankers of one index share them
+_STORES: Dict[Any, Any] = {}
+#: at most this many stay open (a service with many indexes does not hold every file forever)
+MAX_SHARED_STORES = 8
+
+
+def shared_store(index):
+    """``local.h5`` of ``index``, opened (and checked against the manifest) once per file version and process."""
+    from .store import LocalFeatureStore
+
+    path = Path(index.folder) / "local.h5"
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _STORES:
+        return _STORES[key]
+    store = index.open_local() if hasattr(index, "open_local") else LocalFeatureStore(path, mode="r")
+    if key is not None:
+        # an older version of the same file, and the least recently opened beyond MAX_SHARED_STORES, leave the cache
+        # (re-rankers still holding one keep using it; h5py closes a file when its last user goes)
+        stale = [k for k in _STORES if k[0] == key[0]] + list(_STORES)[: max(0, len(_STORES) - MAX_SHARED_STORES + 1)]
+        for k in dict.fromkeys(stale):
+            _STORES.pop(k, None)
+        _STORES[key] = store
+    return store
+
+
+def _feature_cache(store, conf) -> _FeatureCache:
+    cache = getattr(store, "_cbir_cache", None)
+    if cache is None:
+        cache = _FeatureCache(int(conf["cache_mb"]))
+        store._cbir_cache = cache
+    return cache
 
 
 def _detector_free(name: str) -> bool:

@@ -16,6 +16,12 @@ unlucky data.
   ``cv2.estimateAffine2D`` with RANSAC and those parameters) or ``'skimage'`` (``skimage.measure.ransac`` with
   ``AffineTransform``, exactly as the seed; deterministic through ``seed``).
 * ``fundamental``: ``cv2.findFundamentalMat`` with ``cv2.USAC_MAGSAC`` (8 matches at least).
+
+A fit is not yet a model to trust: RANSAC returns *some* homography from 6 matches of two unrelated images. The
+:func:`verdict` says whether it is (``verified``) and why: enough inliers, a high enough inlier ratio, and a
+well-conditioned model over the region the inliers cover. Measured over the re-ranking shortlists of ukbench56 and
+corel1k (benchmarks/rerank.py), nearly every fit of 8-11 inliers between images of different objects folded the
+inliers' region (a corner behind the camera), while true matches almost never did.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ class Verification:
     def to_dict(self) -> Dict[str, Any]:
         return {"model": self.model, "matrix": None if self.matrix is None else self.matrix.tolist(), "n_inliers": self.score}
 
+    def verdict(self, kpts0, image_size0=None, rule: Optional[Mapping[str, Any]] = None, n_matches: Optional[int] = None) -> Dict[str, Any]:
+        """:func:`verdict` of this fit (``kpts0``: the points of image 0 it was fitted to)."""
+        return verdict(self, kpts0, image_size0=image_size0, rule=rule, n_matches=n_matches)
+
 
 def models() -> list:
     return sorted(DEFAULT_CONF)
@@ -86,7 +96,7 @@ def verify(kpts0, kpts1, model: str = "homography", **conf: Any) -> Verification
 
 
 #: homography method -> (OpenCV flag name, default threshold in pixels)
-HOMOGRAPHY_METHODS = {"accurate": ("USAC_ACCURATE", 1.0), "magsac": ("USAC_MAGSAC", 3.0), "ransac": ("RANSAC", 2.0)}
+HOMOGRAPHY_METHODS = {"accurate": ("USAC_ACCURATE", 1.0), "magsac": ("USAC_MAGSAC", 3.0), "ransac": ("RANSAC", 2.0), "fast": ("USAC_FAST", 3.0)}
 
 
 def _homography(p0: np.ndarray, p1: np.ndarray, c: Mapping[str, Any]):
@@ -160,6 +170,113 @@ def _fundamental(p0: np.ndarray, p1: np.ndarray, c: Mapping[str, Any]):
 
 
 _FIT = {"homography": _homography, "affine": _affine, "fundamental": _fundamental}
+
+
+#: the verdict rule of :func:`verdict` (``cbir match`` uses it as is; re-rankers set their own floors)
+VERDICT_RULE: Dict[str, Any] = {
+    "min_inliers": 15,  # inliers of the fitted model
+    "min_inlier_ratio": 0.05,  # inliers / putative matches (graf 1->4 with sift+mnn: 0.097, a correct 1.7 px model)
+    "max_scale": 8.0,  # the inliers' region may shrink or grow by at most this factor (area ratio = its square)
+    "min_spread": 0.002,  # the inliers' convex hull covers at least this fraction of image 0 (collinear / clustered: ill-posed)
+}
+
+
+def verdict(v: "Verification", kpts0, image_size0=None, rule: Optional[Mapping[str, Any]] = None,
+            n_matches: Optional[int] = None) -> Dict[str, Any]:
+    """Whether the model of ``v`` (fitted to matches whose image-0 points are ``kpts0``) is one to trust, and why.
+
+    Returns ``{"verified", "rule", "checks": {"inliers", "inlier_ratio", "conditioned"}, "n_inliers", "inlier_ratio",
+    "scale", "spread", "reason"}``. The model is *well-conditioned* when the bounding box of the inliers in image 0 maps
+    in front of the camera (every corner's ``w > 0``) onto a convex quadrilateral of the same orientation (no fold, no
+    mirror), its area changes by at most ``max_scale`` squared, and the inliers' convex hull covers at least
+    ``min_spread`` of image 0 (``image_size0`` ``(W, H)``; without it, of the inliers' own bounding box). A fundamental
+    matrix has no such region test: it is conditioned when it has rank 2 and the inliers spread.
+    """
+    r = merge_conf(VERDICT_RULE, dict(rule or {}), "verdict rule")
+    p0 = np.asarray(kpts0, np.float64).reshape(-1, 2)
+    n = int(len(p0)) if n_matches is None else int(n_matches)
+    k = v.score
+    ratio = k / n if n else 0.0
+    cond, scale, spread, why = _conditioning(v, p0, image_size0, r)
+    checks = {"inliers": k >= int(r["min_inliers"]), "inlier_ratio": ratio >= float(r["min_inlier_ratio"]), "conditioned": cond}
+    if v.matrix is None:
+        reason = "no model"
+    elif not checks["inliers"]:
+        reason = f"{k} inliers < {int(r['min_inliers'])}"
+    elif not checks["inlier_ratio"]:
+        reason = f"inlier ratio {ratio:.3f} < {float(r['min_inlier_ratio'])}"
+    elif not cond:
+        reason = why
+    else:
+        reason = None
+    return {
+        "verified": bool(v.matrix is not None and all(checks.values())),
+        "rule": r,
+        "checks": checks,
+        "n_inliers": k,
+        "inlier_ratio": round(float(ratio), 4),
+        "scale": None if scale is None else round(float(scale), 4),
+        "spread": None if spread is None else round(float(spread), 4),
+        "reason": reason,
+    }
+
+
+def _conditioning(v: "Verification", p0: np.ndarray, image_size0, r: Mapping[str, Any]):
+    """(conditioned, scale, spread, reason) of ``v`` over its inliers ``p0[v.inliers]``; see :func:`verdict`."""
+    if v.matrix is None:
+        return False, None, None, "no model"
+    inl = p0[np.asarray(v.inliers, bool)] if len(v.inliers) == len(p0) else p0[:0]
+    if len(inl) < 3:
+        return False, None, None, "fewer than 3 inliers"
+    x0, y0 = inl.min(axis=0)
+    x1, y1 = inl.max(axis=0)
+    if image_size0 is not None:
+        area0 = float(np.prod(np.asarray(image_size0, np.float64)))
+    else:
+        area0 = float(max(x1 - x0, 1.0) * max(y1 - y0, 1.0))
+    spread = _hull_area(inl) / max(area0, 1.0)
+    if spread < float(r["min_spread"]):
+        return False, None, spread, f"inliers cover {100 * spread:.2f}% of image 0 (< {100 * float(r['min_spread']):.2f}%)"
+    M = np.asarray(v.matrix, np.float64)
+    if v.model == "fundamental":
+        s = np.linalg.svd(M, compute_uv=False)
+        ok = s[0] > 0 and s[2] <= 1e-6 * s[0] and s[1] > 1e-9 * s[0]
+        return bool(ok), None, spread, None if ok else "not a rank-2 fundamental matrix"
+    box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+    if x1 - x0 < 1.0 or y1 - y0 < 1.0:
+        return False, None, spread, "inliers on a line"
+    q = np.hstack([box, np.ones((4, 1))]) @ M.T
+    if not (q[:, 2] > 1e-9 * np.abs(q[:, :2]).max(initial=1.0)).all():
+        return False, None, spread, "the model folds the inliers' region (a corner maps behind the camera)"
+    mapped = q[:, :2] / q[:, 2:3]
+    a_src, a_dst = _signed_area(box), _signed_area(mapped)
+    if not _convex_same_turn(mapped, np.sign(a_src)):
+        return False, None, spread, "the model twists or mirrors the inliers' region"
+    scale = float(np.sqrt(abs(a_dst) / max(abs(a_src), 1e-12)))
+    ms = float(r["max_scale"])
+    if not (1.0 / ms <= scale <= ms):
+        return False, scale, spread, f"the model scales the inliers' region by {scale:.3g} (allowed 1/{ms:g}..{ms:g})"
+    return True, scale, spread, None
+
+
+def _signed_area(p: np.ndarray) -> float:
+    x, y = p[:, 0], p[:, 1]
+    return 0.5 * float((x * np.roll(y, -1) - np.roll(x, -1) * y).sum())
+
+
+def _convex_same_turn(p: np.ndarray, sign: float) -> bool:
+    e = np.roll(p, -1, axis=0) - p
+    f = np.roll(e, -1, axis=0)
+    cross = e[:, 0] * f[:, 1] - e[:, 1] * f[:, 0]
+    return bool((cross * sign > 0).all())
+
+
+def _hull_area(p: np.ndarray) -> float:
+    import cv2
+
+    if len(p) < 3:
+        return 0.0
+    return float(cv2.contourArea(cv2.convexHull(np.asarray(p, np.float32))))
 
 
 def corner_error(H_est, H_gt, width: int, height: int) -> float:
