@@ -615,6 +615,23 @@ def test_rerank_marks_verified_results(tmp_path):
                                                    files={"image": ("q.jpg", query_bytes(1), "image/jpeg")}), 400)
 
 
+
+def test_the_default_cascade_re_ranks_an_index_built_with_the_default_local_features(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cbir.engine import build_index
+    from cbir.serve.app import create_app
+
+    folder = tmp_path / "index"
+    build_index(write_gallery(tmp_path / "photos"), folder, extractor="colour", local="default", progress=False, workers=0, log=lambda m: None)
+    with TestClient(create_app(make_config(folder))) as c:
+        assert c.get("/info").json()["indexes"]["t"]["rerank_matcher"] == "default"
+        r = c.post("/search?top_k=3&rerank=default&rerank_top=12", files={"image": ("q.jpg", query_bytes(1, "crop", "PNG"), "image/png")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["rerank"]["matcher"] == "default" and [x["label"] for x in body["results"]][:2] == ["group1", "group1"]
+        assert body["results"][0]["verified"] is True and all("inliers" in x for x in body["results"])
+
 # ----------------------------------------------------------------------------------------------- deadlines on a real socket
 
 
