@@ -78,7 +78,7 @@ FLOORS = {
     "cbir.build": 5, "cbir.query": 5, "cbir.distributed": 5,  # the stages
     "cbir.update": 6, "cbir.eval.evaluate": 6, "cbir.export": 6,  # stages built on the query stage; ONNX export
     "cbir.engine": 7,  # the facade over the stages
-    "cbir.cli": 8, "cbir.local.cli": 8, "cbir.export.cli": 8, "cbir.paddle_cli": 8, "cbir.segment_cli": 8, "cbir.serve": 8,
+    "cbir.cli": 8, "cbir.serve": 8,  # the command line (one module per command) and the service
     "cbir.__main__": 9,
 }
 

@@ -5,7 +5,7 @@
 * :mod:`cbir.export.runtime`: the ``runtime`` switch (``torch`` | ``onnx``) read by the pooled extractor, the local
   features and the matchers, a cache of exported models (``$CBIR_ONNX_CACHE``, default ``~/.cache/cbir/onnx``) and
   the onnxruntime sessions.
-* :mod:`cbir.export.cli`: ``cbir export onnx --model NAME --out FILE.onnx``.
+* :mod:`cbir.cli.export`: ``cbir export onnx --model NAME --out FILE.onnx``.
 
 Nothing here imports onnx or onnxruntime until it is used (``pip install 'cbir[onnx]'``).
 """

@@ -126,7 +126,7 @@ def test_reranker_on_an_index(tmp_path, warped_pair, other_textured):
 def test_cbir_match_command(tmp_path, warped_pair, capsys):
     import cv2
 
-    from cbir.local.cli import cmd_match, parse_options, register
+    from cbir.cli.match import cmd_match, parse_options, register
 
     img0, img1, _ = warped_pair
     p0, p1 = tmp_path / "a.png", tmp_path / "b.png"

@@ -202,7 +202,7 @@ def test_paddle_converted_torch_model_matches(paddle_model, images, tmp_path):
     from cbir.extractors import make_extractor
     from cbir.models.mobilenetv2 import MobileNetV2
     from cbir.models.paddle import paddle_to_torch_state, torch_parity
-    from cbir.paddle_cli import register  # noqa: F401  (the CLI module imports without side effects)
+    from cbir.cli.paddle import register  # noqa: F401  (the CLI module imports without side effects)
     from cbir.weights import load_state_dict
 
     _, pdparams, prefix = paddle_model

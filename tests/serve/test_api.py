@@ -507,7 +507,7 @@ def test_bad_image_in_a_batch_fails_alone():
 def test_cli_refuses_exposed_host_without_token(gallery, monkeypatch):
     from cbir.cli import build_parser
     from cbir.errors import CbirError
-    from cbir.serve.cli import config_from_args
+    from cbir.cli.serve import config_from_args
 
     monkeypatch.delenv("CBIR_TOKEN", raising=False)
     p = build_parser()

@@ -14,8 +14,8 @@ from typing import Callable
 def cmd_paddle_to_torch(a) -> int:
     import torch
 
-    from .errors import CbirError
-    from .models.paddle import paddle_to_torch_state, torch_parity
+    from ..errors import CbirError
+    from ..models.paddle import paddle_to_torch_state, torch_parity
 
     state, info = paddle_to_torch_state(a.weights)
     out = os.path.abspath(a.out)
@@ -37,7 +37,7 @@ def cmd_paddle_to_torch(a) -> int:
         else:
             images = None
             if a.check_images:
-                from .data import decode_image
+                from ..data import decode_image
 
                 images = [decode_image(p) for p in a.check_images]
             info["parity"] = torch_parity(a.weights, state, images)

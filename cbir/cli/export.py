@@ -48,8 +48,8 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
 
 def cmd_export_onnx(a) -> int:
     from ..errors import CbirError
-    from ..local.cli import parse_options
-    from .onnx import export_model, model_names
+    from .match import parse_options
+    from ..export.onnx import export_model, model_names
 
     if a.list:
         names = model_names()

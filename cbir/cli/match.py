@@ -72,15 +72,15 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
 
 def cmd_match(a) -> int:
     from ..errors import CbirError
-    from . import extractor_names, matcher_names
-    from .pair import match_files
+    from ..local import extractor_names, matcher_names
+    from ..local.pair import match_files
 
     if a.list:
         print("features:", ", ".join(extractor_names()))
         print("matchers:", ", ".join(matcher_names()))
         print("learned matchers: lightglue (aliked, aliked-n16rot, disk; superpoint with user weights), lighterglue (xfeat), "
               "superglue (superpoint), loftr (features none)")
-        from .confs import local_names, rerank_names
+        from ..local.confs import local_names, rerank_names
 
         print("named local features (index build --local):", ", ".join(local_names()))
         print("named re-rankers (--rerank):", ", ".join(rerank_names()))
@@ -92,7 +92,7 @@ def cmd_match(a) -> int:
     matcher_conf = parse_options(a.matcher_conf, "--matcher-conf")
     verify_conf = parse_options(a.verify_conf, "--verify-conf")
     if a.recipe == "delf":
-        from .delf import DELF_RECIPE
+        from ..local.delf import DELF_RECIPE
 
         matcher, model = DELF_RECIPE["matcher"], DELF_RECIPE["model"]
         matcher_conf = {**DELF_RECIPE["matcher_conf"], **matcher_conf}

@@ -82,7 +82,7 @@ def parse_indexes(items: List[str]) -> Dict[str, str]:
 
 def config_from_args(a):
     from ..errors import CbirError
-    from .app import MB, ServeConfig, is_loopback
+    from ..serve.app import MB, ServeConfig, is_loopback
 
     token = a.token if a.token is not None else (os.environ.get(TOKEN_ENV) or None)
     if not is_loopback(a.host) and not token:
@@ -111,7 +111,7 @@ def cmd_serve(a) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from ..serve.app import create_app
     except ImportError as e:
         raise CbirError(f"cbir serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'cbir[serve]'") from None
     cfg = config_from_args(a)

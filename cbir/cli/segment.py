@@ -21,7 +21,7 @@ import numpy as np
 
 def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the ``segment`` sub-command to the main parser's sub-parsers."""
-    from .cliutil import non_negative_int, positive_int
+    from ..cliutil import non_negative_int, positive_int
 
     s = sub.add_parser(
         "segment",
@@ -45,13 +45,13 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
 
 
 def _mapper_from_args(a):
-    from .errors import CbirError
-    from .extractors.classmap import ClassMapper
+    from ..errors import CbirError
+    from ..extractors.classmap import ClassMapper
 
     window = None if str(a.window).lower() in ("global", "none", "image") else _int(a.window)
     if a.head:
         return ClassMapper(a.head, window=window), os.path.abspath(a.head)
-    from .engine import load_index
+    from ..engine import load_index
 
     idx = load_index(a.index)
     ext = idx.extractor
@@ -67,7 +67,7 @@ def _mapper_from_args(a):
 
 
 def _int(v: str) -> int:
-    from .errors import CbirError
+    from ..errors import CbirError
 
     try:
         return int(v)
@@ -123,8 +123,8 @@ def draw(image: np.ndarray, labels: np.ndarray, rows: List[Dict[str, Any]], out:
 
 
 def cmd_segment(a) -> int:
-    from .data import decode_image
-    from .errors import CbirError
+    from ..data import decode_image
+    from ..errors import CbirError
 
     if not a.out and not a.json:
         raise CbirError("cbir segment: pass --out PNG and/or --json")
