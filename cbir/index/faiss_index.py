@@ -46,6 +46,13 @@ def check_queries(q: np.ndarray, metric: str, dim: int) -> None:
         raise IndexMismatch(f"query of shape {q.shape} ({q.dtype}) does not fit a cosine index of {dim}-d float vectors")
 
 
+def search_sizes(k: int, n: int, exclude) -> Tuple[int, int]:
+    """``(k, kk)``: the results a query gets from ``n`` vectors (``k`` cut to ``n``) and how many to ask the index for
+    (one more when a result may be excluded: leave-one-out)."""
+    k = int(min(k, n))
+    return k, min(n, k + (1 if exclude is not None else 0))
+
+
 class _Base:
     metric = ""
 
@@ -73,13 +80,10 @@ class _Base:
         Scores are similarities (higher is better) for both metrics: cosine, or ``1 - hamming / bits``.
         """
         self._check(queries)
-        n = self.ntotal
-        k = int(min(k, n))
         nq = len(queries)
+        k, kk = search_sizes(k, self.ntotal, exclude)
         if k <= 0 or nq == 0:
             return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-        extra = 1 if exclude is not None else 0
-        kk = min(n, k + extra)
         out_s = np.zeros((nq, k), np.float32)
         out_i = np.full((nq, k), -1, np.int64)
         step = _chunk_size(kk)

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import CbirError, IndexDamaged, IndexMismatch
 from .backend import SearchSpec
-from .faiss_index import check_queries, l2_normalise
+from .faiss_index import check_queries, l2_normalise, search_sizes
 from .store import write_json_atomic
 
 #: the pointer file a Milvus-backed index folder holds instead of a faiss file
@@ -532,13 +532,10 @@ class MilvusBackend:
         """
         queries = np.asarray(queries)
         self._check(queries)
-        n = self.ntotal
-        k = int(min(k, n))
         nq = len(queries)
+        k, kk = search_sizes(k, self.ntotal, exclude)
         if k <= 0 or nq == 0:
             return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-        extra = 1 if exclude is not None else 0
-        kk = min(n, k + extra)
         if kk > MAX_TOPK:
             raise CbirError(f"Milvus returns at most {MAX_TOPK} results per query; {kk} were asked "
                             f"(with --store milvus rank at most {MAX_TOPK - 1}: --top-k / --max-rank)")
