@@ -224,7 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             res = run_graf(root, args.methods, args.verify)
             out = args.out_dir / "matching_graf.json"
-            out.write_text(json.dumps({"dataset": str(root), "success_px": SUCCESS_PX, "environment": env, "methods": res}, indent=1))
+            out.write_text(json.dumps({"dataset": os.path.relpath(root, REPO), "success_px": SUCCESS_PX, "environment": env, "methods": res}, indent=1))
             print(f"wrote {out}")
     if args.part in ("scannet", "all"):
         root = data / "matching_superglue_assets"
@@ -233,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             res = run_scannet(root, args.methods, args.scannet_max_side)
             out = args.out_dir / "matching_scannet.json"
-            out.write_text(json.dumps({"dataset": str(root), "max_side": args.scannet_max_side, "environment": env, "methods": res}, indent=1))
+            out.write_text(json.dumps({"dataset": os.path.relpath(root, REPO), "max_side": args.scannet_max_side, "environment": env, "methods": res}, indent=1))
             print(f"wrote {out}")
     return 0
 
