@@ -41,10 +41,6 @@ CONFS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def load_all() -> None:
-    EXTRACTORS.load()
-
-
 def names():
     """The extractors and the named configurations of :data:`CONFS`."""
     return EXTRACTORS.names() + sorted(CONFS)

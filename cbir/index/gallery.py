@@ -130,8 +130,6 @@ class Gallery:
                 self._paths_resolved.setdefault(str(q), i)
         return self._paths_resolved.get(str(Path(p).resolve()))
 
-    _row_of_path = row_of_path  # the name re-rankers of earlier versions call
-
     def result(self, i: int, score: float, rank: int) -> Dict[str, Any]:
         label = self.labels[i]
         names = self.manifest.get("label_names") or {}

@@ -397,7 +397,10 @@ def _frame(item: Any) -> Optional[List[int]]:
 
 
 def query_row(index, path) -> Optional[int]:
-    """The gallery row of the image file ``path`` (None when it is not in the gallery): by resolved path."""
+    """The gallery row of the image file ``path`` (None when it is not in the gallery): by resolved path. An opened
+    index answers from its own table (:meth:`cbir.index.gallery.Gallery.row_of_path`); a bare one is scanned."""
+    if hasattr(index, "row_of_path"):
+        return index.row_of_path(path)
     from pathlib import Path
 
     paths = np.asarray(index.paths, dtype=object)

@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote
@@ -595,12 +595,16 @@ def create_app(cfg: ServeConfig):
     def page_route():
         return HTMLResponse(page.decode("utf-8"))
 
+    def asset(table, name: str, what: str, cache: str) -> Response:
+        """A file of the app's own, by name from a table built at start (never a path from the request)."""
+        hit = table.get(name)
+        if hit is None:
+            raise ApiError(404, f"no {what} {_clip(name)!r}")
+        return Response(hit[0], media_type=hit[1], headers={"cache-control": cache})
+
     @app.get("/static/{name}", include_in_schema=False)
     def static_route(name: str):
-        hit = static.get(name)
-        if hit is None:
-            raise ApiError(404, f"no static file {_clip(name)!r}")
-        return Response(hit[0], media_type=hit[1], headers={"cache-control": "no-cache"})
+        return asset(static, name, "static file", "no-cache")
 
     if docs_assets:
         from fastapi.openapi.docs import get_swagger_ui_html
@@ -612,10 +616,7 @@ def create_app(cfg: ServeConfig):
 
         @app.get("/docs-assets/{name}", include_in_schema=False)
         def docs_asset_route(name: str):
-            hit = docs_assets.get(name)
-            if hit is None:
-                raise ApiError(404, f"no docs asset {_clip(name)!r}")
-            return Response(hit[0], media_type=hit[1], headers={"cache-control": "max-age=86400"})
+            return asset(docs_assets, name, "docs asset", "max-age=86400")
 
     @app.get("/health", summary="liveness: ok, and the image count of each index")
     def health():
