@@ -17,6 +17,8 @@ _API = {
     "train_head": "engine",
     "load_dataset": "data",
     "read_file_list": "data",
+    "read_images": "folders",
+    "scan_folder": "folders",
     "decode_image": "data",
 }
 

@@ -33,16 +33,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_MAX_PIXELS}, ~{DEFAULT_MAX_PIXELS * 4 // 10**6} MB)")
 
 
-def _add_source(p: argparse.ArgumentParser, required: bool = True, queries: bool = False) -> None:
+FOLDER_HELP = ("or a folder: walked recursively in sorted order, hidden files/folders and non-image files skipped and counted, "
+               "links out of it not followed, names relative to it")
+
+
+def _add_source(p: argparse.ArgumentParser, required: bool = True, queries: bool = False, positional: bool = False) -> None:
     g = p.add_argument_group("images")
     src = g.add_mutually_exclusive_group(required=required)
     src.add_argument("--dataset", metavar="NAME", help="a dataset named in datasets.yaml (see `cbir datasets`)")
     if queries:
-        src.add_argument("--queries", metavar="FILE", help="query list (path<TAB>label or CSV path,label); queries found in the index are left out of their own ranking")
+        src.add_argument("--queries", metavar="FILE|DIR", help="query list (path<TAB>label or CSV path,label), " + FOLDER_HELP +
+                         "; queries found in the index are left out of their own ranking")
     else:
-        src.add_argument("--list", metavar="FILE", help="image list: one 'path<TAB>label' per line (label optional, # comments) or CSV with a path,label header")
+        src.add_argument("--list", metavar="FILE|DIR", help="image list: one 'path<TAB>label' per line (label optional, # comments) or CSV "
+                         "with a path,label header; " + FOLDER_HELP)
+    if positional:
+        src.add_argument("source", nargs="?", metavar="FOLDER|LIST", help="the same as --list")
     g.add_argument("--split", metavar="S", help="a split of the dataset (corel1k: train = first half of each class by file name, test = the rest)")
     g.add_argument("--root", metavar="DIR", help="folder the list's relative paths start from (default: the list's folder)")
+    g.add_argument("--labels", choices=["folder"], help="folder: label each image with the name of the top-level sub-folder that holds it "
+                   "(images directly in the folder get none); with a list, the first folder of each listed path")
 
 
 def _add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
@@ -77,14 +87,26 @@ def _extractor_from_args(a, fused_parts=None) -> tuple:
 
 
 def _entries(a):
-    from ..data import load_dataset, read_file_list
+    from ..data import load_dataset
 
     if a.dataset:
         ds = load_dataset(a.dataset, split=a.split, datasets_yaml=a.datasets)
         return ds.gallery, {"name": ds.name, "split": a.split}, ds.label_names
     if a.split:
         raise CbirError("--split goes with --dataset")
-    return read_file_list(a.list, root=a.root), {"list": os.path.abspath(a.list), "root": os.path.abspath(a.root) if a.root else None}, None
+    from ..folders import read_images
+    from ..progress import log
+
+    source = getattr(a, "source", None) or a.list
+    if getattr(a, "source", None) and a.list:
+        raise CbirError("give the images once: FOLDER|LIST or --list")
+    scans: list = []
+    entries = read_images(source, root=a.root, labels=getattr(a, "labels", None), scan_out=scans)
+    if scans:
+        if not a.quiet:
+            log(scans[0].summary())
+        return entries, {**scans[0].as_json(), "labels": getattr(a, "labels", None)}, None
+    return entries, {"list": os.path.abspath(source), "root": os.path.abspath(a.root) if a.root else None}, None
 
 
 def _bytes(text: str) -> int:

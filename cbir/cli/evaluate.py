@@ -24,7 +24,7 @@ def cmd_eval(a) -> int:
     idx.set_search(nprobe=a.nprobe, ef=a.ef)
     rep = evaluate(idx, dataset=a.dataset, split=a.split, queries=a.queries, root=a.root, ks=a.k, rerank=a.rerank,
                    rerank_top=a.rerank_top, rerank_conf=_rerank_conf(a), max_rank=a.max_rank, datasets_yaml=a.datasets, progress=not a.quiet,
-                   workers=a.workers, plot=a.plot, expand=_expand_conf(a))
+                   workers=a.workers, plot=a.plot, expand=_expand_conf(a), labels=a.labels)
     _print_eval(rep, a.k)
     if a.json:
         from ..index.store import write_json_atomic

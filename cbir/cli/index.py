@@ -15,7 +15,8 @@ def cmd_index_build(a) -> int:
 
     name, conf = _extractor_from_args(a)
     entries, ds, label_names = _entries(a)
-    rep = build_index(entries, a.out, extractor=name, conf=conf, roots=[a.root] if getattr(a, "root", None) else [], strict=a.strict, batch_size=a.batch_size, workers=a.workers,
+    roots = [a.root] if getattr(a, "root", None) else ([ds["folder"]] if "folder" in ds else [])
+    rep = build_index(entries, a.out, extractor=name, conf=conf, roots=roots, strict=a.strict, batch_size=a.batch_size, workers=a.workers,
                       ann=a.ann, search=_search_opts(a), progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local,
                       keep_raw=a.keep_raw, ray=a.ray, vector_store=a.store)
     m = rep.manifest
@@ -24,6 +25,8 @@ def cmd_index_build(a) -> int:
         "extracted": rep.extracted, "reused": rep.reused, "dim": m["dim"], "metric": m["metric"],
         "seconds": rep.seconds, "failures": rep.failures,
     }
+    if "folder" in ds:
+        summary["folder"] = {k: ds[k] for k in ("folder", "skipped", "labels")}
     if a.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -113,10 +116,10 @@ def register(sub, add_common=None) -> None:
     isub = pi.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
     isub.required = True
     b = isub.add_parser("build", help="extract descriptors of a gallery and write an index folder",
-                        description="Extract descriptors of every image of a list or dataset and write an index folder "
+                        description="Extract descriptors of every image of a folder, list or dataset and write an index folder "
                                     "(manifest.json, features.h5, faiss file). Re-running into the same folder resumes: images already "
                                     "extracted with the same extractor (same path, size and mtime) are reused. Bad images are reported and skipped.")
-    _add_source(b)
+    _add_source(b, positional=True)
     _add_extractor(b, "global descriptor")
     b.add_argument("--out", required=True, metavar="DIR", help="index folder to write (replaced as a whole when complete)")
     b.add_argument("--strict", action="store_true", help="stop at the first unreadable image and write no index")

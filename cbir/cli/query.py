@@ -16,6 +16,9 @@ from .common import (_add_common, _add_search_params, _rerank_conf, _add_rerank,
 def cmd_query(a) -> int:
     from ..engine import load_index
 
+    from ..folders import expand_images
+
+    a.images, _ = expand_images(a.images)  # a folder: its images, in walk order
     idx = load_index(a.index)
     idx.check_extractor(a.extractor)
     idx.set_search(nprobe=a.nprobe, ef=a.ef)
@@ -89,7 +92,8 @@ def _grid(idx, res, out: str, positions: Optional[List[int]] = None, n_inputs: O
 def register(sub, add_common=None) -> None:
     """Add this module's sub-command(s) to the main parser."""
     q = sub.add_parser("query", help="rank the gallery for query images", description="Rank the gallery of an index for each query image.")
-    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("images", nargs="+", metavar="IMAGE", help="query images, or folders whose images (walked recursively, hidden and "
+                   "non-image files skipped) are queries")
     q.add_argument("--index", required=True, metavar="DIR")
     q.add_argument("--top-k", type=positive_int, default=10, help="results per query (default: %(default)s)")
     q.add_argument("--json", action="store_true", help="print results as JSON on stdout")

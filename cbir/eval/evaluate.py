@@ -21,9 +21,15 @@ PathLike = Union[str, os.PathLike]
 
 
 def _query_entries(index: Index, dataset: Optional[str], split: Optional[str], queries: Optional[PathLike],
-                   root: Optional[PathLike], datasets_yaml: Optional[PathLike]) -> Tuple[List[Entry], str]:
-    if queries is not None:
-        return read_file_list(queries, root=root), str(queries)
+                   root: Optional[PathLike], datasets_yaml: Optional[PathLike], labels: Optional[str] = None) -> Tuple[List[Entry], str]:
+    if queries is not None:  # a file list or a folder (cbir/folders.py)
+        from ..folders import read_images
+
+        entries = read_images(queries, root=root, labels=labels)
+        if labels is not None and any(e.label is None for e in entries):  # images directly in the folder: no label, no query
+            _log(f"note: {sum(e.label is None for e in entries)} image(s) outside the sub-folders have no label and do not query")
+            entries = [e for e in entries if e.label is not None]
+        return entries, str(queries)
     if dataset is not None:
         ds = load_dataset(dataset, split=split, datasets_yaml=datasets_yaml)
         return (ds.queries if ds.queries is not None else ds.gallery), dataset
@@ -47,6 +53,7 @@ def evaluate(
     workers: int = 2,
     plot: Optional[PathLike] = None,
     expand: Optional[Dict[str, Any]] = None,
+    labels: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Rank the gallery for every query and report precision@k, AP@k, mAP (and N-S where groups have 4).
 
@@ -58,13 +65,14 @@ def evaluate(
     ``n_queries`` counts the queries the metrics are means over; unreadable queries are in ``query_failures``.
     An undefined metric is None, never NaN. Raises :class:`CbirError` when no query can be evaluated.
     ``expand`` (``{"qe_k", "alpha", "dba_k"}``): alpha-QE / DBA (cbir/index/expansion.py), leave-one-out kept.
+    ``queries`` may be a folder; ``labels="folder"`` then labels each query by its top-level sub-folder.
     """
     from ..cliutil import tty_safe
     from .metrics import MetricAccumulator, finite_or_none, seed_scores
 
     t_start = time.time()
     idx = index if isinstance(index, Index) else Index(index)
-    q_entries, source = _query_entries(idx, dataset, split, queries, root, datasets_yaml)
+    q_entries, source = _query_entries(idx, dataset, split, queries, root, datasets_yaml, labels)
     if all(l is None for l in idx.labels):
         raise CbirError(f"{idx.folder}: the gallery has no labels; build it from a labelled list to evaluate")
     if any(e.label is None for e in q_entries):
