@@ -60,6 +60,28 @@ def cmd_index_remove(a) -> int:
     return _update_summary(a, rep, f"{rep.removed} removed, {len(rep.skipped)} not found")
 
 
+def cmd_index_sync(a) -> int:
+    from ..sync import sync_index
+
+    rep = sync_index(a.index, a.folder, labels=a.labels or "auto", batch_size=a.batch_size, workers=a.workers,
+                     progress=not a.quiet, dry_run=a.dry_run)
+    if a.json:
+        print(json.dumps(rep.as_json(), indent=2))
+        return 0
+    verb = "would change" if rep.dry_run else "synced with"
+    print(tty_safe(f"index {rep.index}: {verb} {rep.folder}: {len(rep.added)} added, {len(rep.changed)} changed, "
+                   f"{len(rep.removed)} removed, {len(rep.failed)} failed, {rep.unchanged} unchanged"
+                   + (f" ({len(rep.touched)} touched, same content)" if rep.touched else "") + f"; {rep.count} images ({rep.seconds:.1f} s)"))
+    for what, names in (("added", rep.added), ("changed", rep.changed), ("removed", rep.removed)):
+        for n in names[:20]:
+            print(f"  {what:<8} {tty_safe(n)}")
+        if len(names) > 20:
+            print(f"  ... and {len(names) - 20} more {what}")
+    for f in rep.failed:
+        print(f"  failed   {tty_safe(f['name'])}: {tty_safe(f['cause'])}")
+    return 0
+
+
 def cmd_index_compact(a) -> int:
     from ..engine import compact_index
 
@@ -165,6 +187,20 @@ def register(sub, add_common=None) -> None:
     rm.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_common(rm)
     rm.set_defaults(func=cmd_index_remove)
+    sy = isub.add_parser("sync", help="bring an index built from a folder in step with it (new, changed, deleted files)",
+                         description="Compare the folder an index was built from (or FOLDER) with the index: new files are extracted "
+                                     "and added, changed ones (size or mtime differ and the SHA-256 differs from the one recorded) "
+                                     "extracted again, deleted ones removed, through the same atomic, locked steps as `index add` and "
+                                     "`index remove`. Killed, it resumes on the next run. A sync with nothing to do decodes no image.")
+    sy.add_argument("index", metavar="INDEX")
+    sy.add_argument("folder", nargs="?", metavar="FOLDER", help="the image folder (default: the one the index was built from)")
+    sy.add_argument("--labels", choices=["folder"], help="label new images by their top-level sub-folder (default: as at build)")
+    sy.add_argument("--dry-run", action="store_true", help="only say what would be added, changed and removed")
+    sy.add_argument("--batch-size", type=positive_int, default=16, help="images per network batch (default: %(default)s)")
+    sy.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s)")
+    sy.add_argument("--json", action="store_true", help='print {"added": [...], "changed": [...], "removed": [...], "failed": [...], ...}')
+    _add_common(sy)
+    sy.set_defaults(func=cmd_index_sync)
     cp = isub.add_parser("compact", help="rebuild an index's search structure from its stored vectors",
                          description="Rebuild the faiss structure from the stored descriptors: drops HNSW tombstones left by removals "
                                      "and retrains PCA, PQ codebooks and IVF lists on the current gallery.")
