@@ -69,13 +69,22 @@ def _locked_update(folder: PathLike, fn):
     folder = Path(folder)
     if not (folder / store.MANIFEST).is_file():
         store.read_manifest(folder)  # the one-line "not a cbir index" error
+    stray = store.foreign_entry(folder)
+    if stray is not None:  # checked before any work: the swap would refuse to replace this folder at the end
+        raise CbirError(f"{folder}: holds {stray!r}, which is not part of a cbir index; move it out of the index folder "
+                        "and run the update again (nothing was changed)")
     work = store.partial_dir(folder)
     store.claim_work(work, folder)
     with store.BuildLock(work, folder):
+        keep = False
         try:
             return fn(work)
+        except store.Kept:
+            keep = True  # the message names the work folder as where the new index is: it stays
+            raise
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def add_images(folder: PathLike, entries: Sequence[Entry], strict: bool = False, batch_size: int = 16, workers: int = 2,
@@ -89,8 +98,16 @@ def add_images(folder: PathLike, entries: Sequence[Entry], strict: bool = False,
         idx = Index(folder)
         ext = idx.extractor
         new, _ = dedupe(entries)
-        present = [e.name for e in new if idx.row(e.name) is not None]
-        new = [e for e in new if idx.row(e.name) is None]
+        seen_files = set()  # one file listed under several spellings (./x, x//y, absolute) or already indexed under another name
+        present, fresh = [], []
+        for e in new:
+            resolved = str(Path(e.path).resolve())
+            if idx.row(e.name) is not None or idx.row_of_path(resolved) is not None or resolved in seen_files:
+                present.append(e.name)
+            else:
+                fresh.append(e)
+            seen_files.add(resolved)
+        new = fresh
         rep = UpdateReport(index=idx.folder, count=len(idx), skipped=present)
         if present:
             say(f"note: {len(present)} image(s) already in the index kept as they are, e.g. {present[0]}")
@@ -192,15 +209,24 @@ def _writable_backend(idx: "Index"):
     return b
 
 
-def remove_images(folder: PathLike, names: Sequence[str], log: Callable[[str], None] = None) -> UpdateReport:
-    """Remove gallery images by name (as listed at build). Atomic; their ids are never reused."""
+def remove_images(folder: PathLike, names: Sequence[Union[str, Entry]], log: Callable[[str], None] = None) -> UpdateReport:
+    """Remove gallery images by name (as listed at build; an :class:`Entry` also by its file). Atomic; their ids are never reused."""
     t0 = time.time()
     say = log or (lambda msg: _log(msg))
 
     def run(work: Path) -> UpdateReport:
         idx = Index(folder)
-        want = list(dict.fromkeys(str(n) for n in names))
-        rows_rm = [idx.row(n) for n in want]
+        # a name as listed at build, or the file of an indexed image (an absolute path, an Entry of a list spelled another way)
+        files = {str(n.name): n.path for n in names if isinstance(n, Entry)}
+        want = list(dict.fromkeys(str(n.name if isinstance(n, Entry) else n) for n in names))
+
+        def find(n: str):
+            r = idx.row(n)
+            if r is None and (n in files or os.path.isabs(n)):
+                r = idx.row_of_path(files.get(n, n))
+            return r
+
+        rows_rm = [find(n) for n in want]
         missing = [n for n, r in zip(want, rows_rm) if r is None]
         if missing:
             say(f"note: {len(missing)} name(s) not in the index, e.g. {missing[0]}")

@@ -53,7 +53,7 @@ def cmd_index_remove(a) -> int:
 
     names = list(a.names)
     if a.list:
-        names += [e.name for e in read_file_list(a.list)]
+        names += read_file_list(a.list)  # entries: matched by name, else by file
     if not names:
         raise CbirError("name the images to remove: NAME... or --list FILE (names as listed at build)")
     rep = remove_images(a.index, names)

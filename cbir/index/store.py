@@ -43,6 +43,14 @@ class WriteError(CbirError):
     """A file could not be written (disk full, read-only, permission): names the file and the space involved."""
 
 
+class Locked(CbirError):
+    """Another process holds the build lock of this index (the service answers 409)."""
+
+
+class Kept(CbirError):
+    """The new index could not be moved into place and is kept in the work folder, as the message says."""
+
+
 def _existing_parent(path: Path) -> Path:
     p = Path(os.path.abspath(path))
     while not p.exists() and p != p.parent:
@@ -419,16 +427,131 @@ def read_rows(path: os.PathLike, key: Optional[str] = None, lazy: Sequence[str] 
         return out, dict(f.attrs)
 
 
+#: the manifest's own checksum: SHA-256 of the canonical JSON of every other field (``manifest_digest``)
+MANIFEST_SUM = "manifest_sha256"
+
+
+def _canonical_sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
+def manifest_digest(m: Dict[str, Any]) -> str:
+    """The checksum a manifest records of itself: its fields but this one, as canonical JSON."""
+    return _canonical_sha256({k: v for k, v in m.items() if k != MANIFEST_SUM})
+
+
+def check_manifest(m: Dict[str, Any], folder: os.PathLike) -> None:
+    """A manifest edited after it was written is damage: its own checksum (when recorded: an index of an older cbir has
+    none) and the extractor's ``key_nostate``, the digest of its name, conf and weights (``Extractor.key(with_state=False)``),
+    must match what it holds. (``key`` also covers a learned state that may be refined after it was taken: the state
+    file's own checksum guards that.) Checked before anything is opened from it."""
+    if MANIFEST_SUM in m and m[MANIFEST_SUM] != manifest_digest(m):
+        raise damaged(folder, MANIFEST, "checksum mismatch: edited since it was written", m)
+    ext = m["extractor"]
+    ident = {k: v for k, v in ext.items() if k not in ("key", "key_nostate", "state")}
+    try:
+        key = _canonical_sha256(ident)[:16]
+    except (TypeError, ValueError):
+        raise damaged(folder, MANIFEST, "the extractor record is not plain JSON", m) from None
+    if key != ext["key_nostate"]:
+        raise damaged(folder, MANIFEST, f"extractor key {ext['key_nostate']} does not match its recorded conf (edited?)", m)
+
+
 def write_json_atomic(obj, path: os.PathLike) -> None:
-    """JSON written to ``path.tmp`` and renamed; NaN/Infinity are refused (they are not JSON)."""
+    """JSON written to ``path.tmp`` and renamed; NaN/Infinity are refused (they are not JSON). An index manifest gets
+    its own checksum (``MANIFEST_SUM``) here."""
+    if Path(path).name == MANIFEST and isinstance(obj, dict) and "format_version" in obj:
+        obj = {**obj, MANIFEST_SUM: manifest_digest(obj)}
     text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
     with writing(path) as f:
         f.write(text.encode("utf-8"))
 
 
+def _old_folders(folder: Path) -> List[Path]:
+    """``FOLDER.old-PID-TIME`` folders that :func:`commit_folder` moved aside, newest first."""
+    pat = re.compile(re.escape(folder.name) + r"\.old-(\d+)-(\d+)$")
+    try:
+        found = [(int(mt.group(2)), p) for p in folder.parent.iterdir() if (mt := pat.match(p.name)) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+    return [p for _, p in sorted(found, key=lambda t: (t[0], t[1].name), reverse=True)]
+
+
+def _complete_index(folder: Path) -> bool:
+    """A folder holding a whole index: a valid manifest whose every recorded file is there with its size and SHA-256."""
+    if not is_index_folder(folder):
+        return False
+    try:
+        m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        validate_manifest(m, folder / MANIFEST)
+        check_manifest(m, folder)
+        for name in (m.get("files") or {}):
+            verify_file(folder, name, m, full=True)
+    except (CbirError, OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(m.get("files"))
+
+
+def recover(folder: os.PathLike, wait_s: float = 10.0) -> Optional[Path]:
+    """Put an index back at ``folder`` when a process died between the two renames of :func:`commit_folder` (``folder``
+    missing, the new index complete in ``FOLDER.partial/commit``, the old one in ``FOLDER.old-PID-TIME``): the committed
+    index when it is whole, else the newest old one; the superseded old folder is removed then (cbir made it).
+
+    Runs under the build lock: while an update holds it (its own swap in progress) this waits up to ``wait_s`` for the
+    folder to come back. Returns the folder that was moved into place, None when there was nothing to do."""
+    folder = Path(os.path.abspath(folder))
+    try:
+        if folder.is_symlink() or (folder.exists() and (not folder.is_dir() or any(folder.iterdir()))):
+            return None  # there is something at FOLDER (an index, or what check_out refuses)
+    except OSError:
+        return None
+    work = partial_dir(folder)
+    if not ((work / "commit" / MANIFEST).is_file() or _old_folders(folder)):
+        return None
+    lock = BuildLock(work, folder) if work.is_dir() else None
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while lock is not None:
+        try:
+            lock.acquire()
+            break
+        except WriteError:
+            lock = None  # a work folder that cannot take a lock (read-only): nobody else can write here either
+        except Locked:
+            if (folder / MANIFEST).exists():
+                return None  # the holder finished its swap
+            if time.monotonic() >= deadline:
+                raise CbirError(f"{folder}: missing while another process holds the lock of {work}: an update is "
+                                "replacing it; try again in a moment") from None
+            time.sleep(0.05)
+    try:
+        if (folder / MANIFEST).exists():
+            return None
+        olds = _old_folders(folder)
+        commit = work / "commit"
+        pick = commit if _complete_index(commit) else next((o for o in olds if _complete_index(o)), None)
+        if pick is None:
+            return None
+        try:
+            if folder.is_dir():
+                folder.rmdir()  # empty (checked above)
+            os.replace(pick, folder)
+        except OSError as e:
+            raise CbirError(f"{folder}: missing after an interrupted update, and {pick} cannot be moved back in its place "
+                            f"({e.strerror}); move it there yourself") from None
+        for o in olds:
+            if o != pick and is_index_folder(o):
+                shutil.rmtree(o, ignore_errors=True)
+        return pick
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def read_manifest(folder: os.PathLike) -> dict:
     folder = Path(folder)
     p = folder / MANIFEST
+    if not p.is_file():
+        recover(folder)
     if not p.is_file():
         hint = ""
         if partial_dir(folder).exists():
@@ -445,7 +568,9 @@ def read_manifest(folder: os.PathLike) -> dict:
     v = m.get("format_version") if isinstance(m, dict) else None
     if v != FORMAT_VERSION:
         raise CbirError(f"{p}: index format version {v!r}, this cbir reads version {FORMAT_VERSION}; rebuild the index")
-    return validate_manifest(m, p)
+    validate_manifest(m, p)
+    check_manifest(m, folder)
+    return m
 
 
 def partial_dir(folder: os.PathLike) -> Path:
@@ -474,6 +599,14 @@ def _is_within(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
+def foreign_entry(folder: Path) -> Optional[str]:
+    """The name of an entry of an index folder that a build did not write (a stray file, a sub-folder), or None."""
+    try:
+        return next((p.name for p in sorted(Path(folder).iterdir()) if not (p.is_file() and not p.is_symlink() and owned_name(p.name))), None)
+    except OSError:
+        return None
+
+
 def check_out(out: os.PathLike, images: Sequence[os.PathLike] = (), roots: Sequence[os.PathLike] = ()) -> Path:
     """Refuse an ``--out`` whose replacement could destroy what cbir did not write; returns the absolute path.
 
@@ -497,6 +630,7 @@ def check_out(out: os.PathLike, images: Sequence[os.PathLike] = (), roots: Seque
         ia = os.path.abspath(img)
         if any(_is_within(ia, o) for o in cands):
             raise CbirError(f"{p}: holds listed image {img}; refusing to replace it with an index (name a new folder)")
+    recover(p)  # an update killed in the middle of its swap: the index it left is put back first (its rows are reused)
     if p.is_symlink() or (p.exists() and not p.is_dir()):
         raise CbirError(f"{p}: exists and is not a folder; refusing to replace it with an index")
     if p.is_dir():
@@ -597,7 +731,7 @@ class BuildLock:
                 pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
             finally:
                 os.close(fd)
-            raise CbirError(f"another build (pid {pid}) is writing {self.out}; wait for it to finish or stop it") from None
+            raise Locked(f"another build (pid {pid}) is writing {self.out}; wait for it to finish or stop it") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -623,9 +757,9 @@ def commit_folder(work: Path, final: Path) -> None:
     """
     final = Path(final)
     if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise CbirError(f"{final}: is no longer a folder; the new index is kept in {work}")
+        raise Kept(f"{final}: is no longer a folder; the new index is kept in {work}")
     if final.is_dir() and any(final.iterdir()) and not is_index_folder(final):
-        raise CbirError(f"{final}: files that are not a cbir index appeared during the build; the new index is kept in {work}")
+        raise Kept(f"{final}: files that are not a cbir index appeared during the build; the new index is kept in {work}")
     old = final.with_name(final.name + f".old-{os.getpid()}-{int(time.time())}")
     if final.exists():
         os.replace(final, old)

@@ -290,7 +290,7 @@ def test_damage_to_any_file_is_named(built, name, how):
 def test_damage_found_without_checksums_is_still_one_line(built):
     """An index whose manifest has no checksums (an older cbir): h5py/faiss read errors still name the file."""
     m = json.loads((built / store.MANIFEST).read_text())
-    del m["files"]
+    del m["files"], m[store.MANIFEST_SUM]  # an older cbir recorded neither
     (built / store.MANIFEST).write_text(json.dumps(m))
     DAMAGE["random"](built / "hamming.faiss")
     with pytest.raises(IndexDamaged, match="hamming.faiss: damaged"):
@@ -347,7 +347,14 @@ def test_a_conf_that_implies_another_dimension_is_refused_before_allocating(smal
     """bins [1000,1000,1000] made one query take 81 s and 15.9 GB: the implied 10^9-d is compared with dim first."""
     entries = read_file_list(small_set / "list.txt")
     build_index(entries, tmp_path / "idx", **COLOUR)
-    _edit(tmp_path / "idx", lambda m: m["extractor"]["conf"].__setitem__("bins", [1000, 1000, 1000]))
+
+    def edit(m):  # and the manifest's own checks recomputed, as a hostile writer could: the dimension check still holds
+        m["extractor"]["conf"]["bins"] = [1000, 1000, 1000]
+        ident = {k: v for k, v in m["extractor"].items() if k not in ("key", "key_nostate", "state")}
+        m["extractor"]["key_nostate"] = store._canonical_sha256(ident)[:16]
+        m[store.MANIFEST_SUM] = store.manifest_digest(m)
+
+    _edit(tmp_path / "idx", edit)
     idx = Index(tmp_path / "idx")
     with pytest.raises(IndexDamaged, match="implies 1000000000-d descriptors, the index holds 256-d"):
         idx.query_images([entries[0].path])
