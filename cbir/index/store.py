@@ -379,6 +379,12 @@ class LazyRows:
 
     ndim = property(lambda self: len(self.shape))
 
+    def close(self) -> None:
+        """Close the file (HDF5 shares one open file per inode: a file rewritten in place must be closed before it is
+        read again, or the new reader gets the old reader's cached metadata)."""
+        with contextlib.suppress(Exception):
+            self._f.close()
+
     def __len__(self) -> int:
         return self.shape[0]
 

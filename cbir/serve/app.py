@@ -69,7 +69,9 @@ class ServeConfig:
     token: Optional[str] = None                 # required on every API call when set
     max_upload_bytes: int = 20 * MB             # per uploaded file; the request body may hold this plus FORM_OVERHEAD
     timeout_s: float = 60.0                     # a request's whole time: upload, queue, work
-    queue: int = 32                             # requests in progress at once (beyond: 503) and queries waiting for the extractor
+    queue: int = 32                             # requests in progress at once (beyond: 503) and queries waiting for the extractor;
+                                                # a request holds its place once its body is received (a slow upload holds none)
+    max_receiving_per_client: int = 64          # uploads one client address may be sending at once (beyond: 503)
     max_batch: int = 1                          # queries described in one extractor call (1: no batching; on 2 CPU cores
                                                 # batching was no faster, slower for MobileNetV2: benchmarks/results/serve.json)
     batch_wait_s: float = 0.0                   # how long a worker waits for more queries before a batch smaller than max_batch
@@ -151,6 +153,7 @@ class Service:
         self._match_lock = threading.Lock()
         self.started = time.time()
         self.inflight = 0
+        self.receiving: Dict[str, int] = {}  # client address -> uploads being received
         self.requests = 0
 
     def start(self) -> None:
@@ -269,12 +272,34 @@ class Guard:
                                          f"({cfg.max_upload_bytes / MB:g} MB)")
         light = path in LIGHT_PATHS or method in ("HEAD", "OPTIONS")
         svc = self.service
-        if not light:
+        # a request with a body takes its place in the queue when the body is in (slow uploads hold no place; each client
+        # may send only so many at once); one without a body takes it now
+        has_body = method in ("POST", "PUT", "PATCH") and (declared not in (None, "0") or "transfer-encoding" in headers)
+        client = (scope.get("client") or ("?", 0))[0]
+        st["held"] = st["receiving"] = False
+
+        def busy_message() -> Tuple[str, Dict[str, str]]:
+            ra = svc.batcher.retry_after()
+            return f"busy: {svc.inflight} requests in progress (at most {cfg.queue}); retry in {ra} s", {"retry-after": str(ra)}
+
+        def stop_receiving() -> None:
+            if st["receiving"]:
+                st["receiving"] = False
+                svc.receiving[client] -= 1
+                if svc.receiving[client] <= 0:
+                    del svc.receiving[client]
+
+        if not light and not has_body:
             if svc.inflight >= cfg.queue:
-                ra = svc.batcher.retry_after()
-                return await answer(503, f"busy: {svc.inflight} requests in progress (at most {cfg.queue}); retry in {ra} s",
-                                    {"retry-after": str(ra)})
+                return await answer(503, *busy_message())
             svc.inflight += 1
+            st["held"] = True
+        elif not light:
+            if svc.receiving.get(client, 0) >= cfg.max_receiving_per_client:
+                return await answer(503, f"busy: {cfg.max_receiving_per_client} uploads from {client} are still being received; "
+                                         "retry when one is done", {"retry-after": "5"})
+            svc.receiving[client] = svc.receiving.get(client, 0) + 1
+            st["receiving"] = True
         svc.requests += 1
         got = {"n": 0}
 
@@ -295,12 +320,23 @@ class Guard:
                     await answer(413, f"upload too large: over {limit:,} bytes; this service takes files up to "
                                       f"{cfg.max_upload_bytes:,} bytes ({cfg.max_upload_bytes / MB:g} MB)")
                     return {"type": "http.disconnect"}
+                if not message.get("more_body") and st["receiving"]:  # the whole body is in: now it takes a place
+                    stop_receiving()
+                    if svc.inflight >= cfg.queue:
+                        await answer(503, *busy_message())
+                        return {"type": "http.disconnect"}
+                    svc.inflight += 1
+                    st["held"] = True
+            elif st["receiving"]:
+                stop_receiving()  # the client went away
             return message
 
         task = asyncio.ensure_future(self.app(scope, guarded_receive, guarded_send))
 
         def finished(t: asyncio.Task) -> None:
-            if not light:
+            stop_receiving()
+            if st["held"]:
+                st["held"] = False
                 svc.inflight -= 1
             if not t.cancelled() and t.exception() is not None and not st["ours"]:
                 log.error("request %s %s failed: %r", method, path, t.exception())
@@ -392,6 +428,10 @@ def create_app(cfg: ServeConfig):
 
     @app.exception_handler(CbirError)
     async def _cbir_error(request, e: CbirError):
+        from ..index.store import Locked
+
+        if isinstance(e, Locked):  # another process (a CLI update, a build) is writing this index: a conflict, not bad input
+            return json_error(409, str(e), {"Retry-After": "5"})
         status = 500 if isinstance(e, (IndexMismatch, IndexDamaged)) else 400
         return json_error(status, str(e))
 
@@ -620,7 +660,7 @@ def create_app(cfg: ServeConfig):
 
     @app.get("/health", summary="liveness: ok, and the image count of each index")
     def health():
-        return {"status": "ok", "indexes": {n: len(s.get().index) for n, s in service.slots.items()},
+        return {"status": "ok", "indexes": {n: len(s.current.index) for n, s in service.slots.items()},
                 "queued": service.batcher.queued, "in_progress": service.inflight, "uptime_s": round(time.time() - service.started, 1)}
 
     @app.get("/info", summary="the served indexes: manifest summary, labels, limits")
@@ -910,7 +950,7 @@ def _overlay_png(img0: np.ndarray, img1: np.ndarray, result: Dict[str, Any]) -> 
 def _summary(slot: IndexSlot) -> Dict[str, Any]:
     from ..index.backend import index_summary
 
-    loaded = slot.get()
+    loaded = slot.current  # /info answers while a version is refused (changed in place) and says so
     m = loaded.manifest
     try:
         s = index_summary(m, loaded.folder)
@@ -925,7 +965,7 @@ def _summary(slot: IndexSlot) -> Dict[str, Any]:
             "rerank_matcher": (("default" if "default" in _rerankers()[0] else _DEFAULT_MATCHER.get(loaded.local_features, "mnn"))
                                if loaded.local_features else None),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(loaded.loaded_at)), "reloads": slot.reloads,
-            "reload_error": slot.reload_error}
+            "reload_error": slot.reload_error, "changed_in_place": slot.changed_in_place(loaded)}
 
 
 def _package_file(name: str) -> bytes:

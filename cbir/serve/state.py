@@ -8,6 +8,7 @@ Nothing here knows HTTP: :mod:`cbir.serve.app` turns :class:`Busy` into 503, :cl
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -73,14 +74,21 @@ class LRUBytes:
                 self._size -= len(old)
 
 
-def _stamp(folder: Path) -> Optional[Tuple[int, int, int, int]]:
-    """Identity of the manifest file now (inode, mtime, size) and of the folder; None while it is missing (mid-swap)."""
+def _stamp(folder: Path) -> Optional[Tuple[int, tuple]]:
+    """Identity of the folder (inode) and of every file in it now (name, inode, mtime, size); None while the manifest is
+    missing (mid-swap). A rebuild or an update replaces the folder (another inode); files copied over it in place keep the
+    folder's inode but change the files' stamps."""
     try:
-        st = os.stat(folder / MANIFEST)
         fst = os.stat(folder)
+        os.stat(folder / MANIFEST)
+        files = []
+        for e in sorted(os.scandir(folder), key=lambda e: e.name):
+            with contextlib.suppress(FileNotFoundError):
+                st = e.stat(follow_symlinks=False)
+                files.append((e.name, int(st.st_ino), int(st.st_mtime_ns), int(st.st_size)))
     except OSError:
         return None
-    return (int(fst.st_ino), int(st.st_ino), int(st.st_mtime_ns), int(st.st_size))
+    return (int(fst.st_ino), tuple(files))
 
 
 class Loaded:
@@ -146,6 +154,15 @@ def open_index(name: str, folder: Path, previous: Optional[Loaded] = None, warm:
     return Loaded(name, folder, idx, stamp)
 
 
+def _close_files(loaded: Loaded) -> None:
+    """Close the HDF5 files an opened version reads lazily (descriptors, codes)."""
+    from ..index.store import LazyRows
+
+    for v in list(vars(loaded.index).values()):
+        if isinstance(v, LazyRows):
+            v.close()
+
+
 class IndexSlot:
     """A named index folder and the version of it being served; :meth:`check` swaps in a new version when the
     folder's manifest changed (a rebuild, ``index add`` / ``remove``, a copy put in place), keeping the old one if
@@ -162,16 +179,37 @@ class IndexSlot:
         self._lock = threading.Lock()
 
     def get(self) -> Loaded:
-        return self.current
+        """The version to serve; :class:`Busy` while the files it reads were changed in place (copied over) and the new
+        content is not opened yet: answering from overwritten files gives wrong results or errors."""
+        cur = self.current
+        if self.changed_in_place(cur):
+            raise Busy(f"index {self.name!r}: the files of its folder were changed in place while it was served; the new "
+                       f"version is being opened (reload error: {self.reload_error or 'none yet'}); retry shortly — replace an "
+                       "index folder as a whole (cbir index build --out, or a copy renamed into place)", 2)
+        return cur
+
+    def changed_in_place(self, cur: Optional[Loaded] = None) -> bool:
+        """Whether the files ``cur`` (default: the current version) was opened from changed under the same folder."""
+        cur = cur or self.current
+        now = _stamp(self.folder)
+        return cur.stamp is not None and now is not None and now[0] == cur.stamp[0] and now != cur.stamp
 
     def check(self, force: bool = False) -> bool:
-        """Reload when the manifest changed (or ``force``); True when a new version is now served."""
+        """Reload when the folder's files changed (or ``force``); True when a new version is now served."""
         with self._lock:
             stamp = _stamp(self.folder)
-            if stamp is None:
-                return False  # the folder is being replaced: look again at the next check
+            if stamp is None:  # the folder is being replaced, or an update died between its two renames
+                from ..index.store import recover
+
+                try:
+                    recover(self.folder, wait_s=0)
+                except CbirError as e:
+                    log.info("index %s: %s", self.name, e)
+                return False  # look again at the next check
             if not force and (stamp == self.current.stamp or stamp == self._failed):
                 return False
+            if self.changed_in_place(self.current):  # its files were rewritten under it: it is not served any more (get),
+                _close_files(self.current)          # and HDF5 would hand the new reader its stale open file
             try:
                 new = open_index(self.name, self.folder, previous=self.current, warm=self.warm)
             except CbirError as e:
