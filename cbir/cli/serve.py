@@ -48,7 +48,10 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
     s.add_argument("--upload-dir", metavar="DIR", help="where POST /images keeps the files it adds (default: DIR.uploads beside the index)")
     s.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest upload in MB (MiB); larger: 413 (default: %(default)s)")
     s.add_argument("--timeout", type=positive_float, default=60.0, help="seconds a request may take, upload included; then 408/504 (default: %(default)s)")
-    s.add_argument("--queue", type=positive_int, default=32, help="requests in progress at once; beyond, 503 with Retry-After (default: %(default)s)")
+    s.add_argument("--queue", type=positive_int, default=32, help="requests in progress at once (an upload counts once its body is in); "
+                   "beyond, 503 with Retry-After (default: %(default)s)")
+    s.add_argument("--max-uploads-per-client", type=positive_int, default=64, dest="max_receiving_per_client", metavar="N",
+                   help="uploads one client address may be sending at once; beyond, 503 (default: %(default)s)")
     s.add_argument("--max-batch", type=positive_int, default=1, help="queries of concurrent requests described in one extractor call "
                    "(default: %(default)s, no batching: on CPU it was not faster, 0.6x for MobileNetV2, see benchmarks/results/serve.json; "
                    "try 8 on a GPU)")
@@ -98,6 +101,7 @@ def config_from_args(a):
         raise CbirError("--batch-wait-ms and --reload-s cannot be negative")
     return ServeConfig(
         indexes=parse_indexes(a.index), token=token, max_upload_bytes=int(a.max_upload_mb * MB), timeout_s=a.timeout, queue=a.queue,
+        max_receiving_per_client=a.max_receiving_per_client,
         max_batch=a.max_batch, batch_wait_s=a.batch_wait_ms / 1000.0, workers=a.workers, max_top_k=a.max_top_k,
         allow_write=a.allow_write, upload_dir=a.upload_dir, match_features=features, match_matcher=matcher, reload_s=a.reload_s,
         allowed_hosts=["127.0.0.1", "localhost", "::1"] if is_loopback(a.host) else None, warm=not a.no_warm)
