@@ -23,7 +23,7 @@ from .common import _add_common  # noqa: E402
 from .evaluate import _print_eval  # noqa: E402,F401 - re-exported (tests, scripts)
 
 #: the sub-command modules, in the order of `cbir --help`; an optional one whose dependencies are missing is left out
-COMMANDS = ("index", "query", "evaluate", "train", "datasets", "match", "export", "paddle", "segment", "serve")
+COMMANDS = ("index", "query", "evaluate", "train", "duplicates", "datasets", "match", "export", "paddle", "segment", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
