@@ -22,6 +22,7 @@ from .extractors import DEFAULT_EXTRACTOR
 from .extractors.base import Extractor, make_extractor
 from .index import store
 from .index.backend import FaissBackend, SearchSpec, auto_spec
+from .index import knn
 from .index.store import STATE_FILE
 from .progress import bar as _progress, log as _log
 
@@ -118,6 +119,7 @@ class _Build:
     old_same: bool = False
     failures: List[Dict[str, str]] = field(default_factory=list)
     seconds: Dict[str, float] = field(default_factory=dict)
+    graph: Optional[Dict[str, Any]] = None  # the graph stage the index records (cbir/index/expansion.py)
 
     def fail(self, e: Entry, cause: str, pb=None, what: Optional[str] = None) -> None:
         """An image left out (reported), or with ``strict`` the end of the build (work kept for a resume)."""
@@ -146,6 +148,7 @@ def _build_locked(
     ray: Optional[str] = None,
     keep_raw: bool = False,
     vector_store: Optional[str] = None,
+    graph: Any = "default",
 ) -> BuildReport:
     """The build itself, with ``out`` checked and its work folder locked by :func:`build_index`, phase by phase:
     :func:`_open_work`, :func:`_fit_state`, :func:`_reuse_rows`, :func:`_open_local`, :func:`_extract`,
@@ -159,10 +162,13 @@ def _build_locked(
     keeps the descriptors before a learned post transform (whitening, hash centre), so a rebuild that learns it again
     reuses them instead of extracting again; otherwise it stores what search needs. ``vector_store``: ``milvus:URI``
     puts the vectors, ids, names and labels in a Milvus collection (:mod:`cbir.index.milvus`); the folder keeps the
-    manifest, features, learned state and a pointer file.
+    manifest, features, learned state and a pointer file. ``graph``: the graph stage queries of this index get by default
+    (``"default"``: :data:`cbir.index.expansion.DEFAULT_GRAPH` for a cosine index; None: plain top-k; or a spec dict);
+    the k-NN lists it needs are stored in knn.h5 (cbir/index/knn.py) and kept up to date by add / remove / compact.
     """
     t_start = time.time()
     b = _open_work(entries, Path(out), resolve_extractor(extractor, conf), log, progress, strict, workers)
+    b.graph = _graph_spec(graph, b.ext)
     milvus_uri = _check_store(b, vector_store, ann, search)  # refused before any work when the store cannot hold it
     if ray and local:
         raise CbirError("--ray extracts global descriptors only: build without --local, then add local features with a "
@@ -184,6 +190,20 @@ def _build_locked(
     shutil.rmtree(b.work, ignore_errors=True)
     return BuildReport(out=b.out, count=manifest["count"], failures=b.failures, reused=reused, extracted=extracted,
                        seconds=b.seconds, manifest=manifest)
+
+
+def _graph_spec(graph: Any, ext: Extractor) -> Optional[Dict[str, Any]]:
+    """The graph stage an index records: checked now, before any work (a Hamming index has none: it compares codes)."""
+    from .index.expansion import DEFAULT_GRAPH, parse_expand
+
+    if isinstance(graph, str):
+        if graph != "default":
+            raise CbirError(f"graph: expected 'default', None or a spec dict, got {graph!r}")
+        return None if ext.binary else parse_expand(DEFAULT_GRAPH)
+    spec = parse_expand(graph or None)
+    if spec is not None and ext.binary:
+        raise CbirError(f"the graph stage {spec} needs float descriptors; {ext.name} makes binary codes (Hamming): drop it")
+    return spec
 
 
 def _open_work(entries: Sequence[Entry], out: Path, ext: Extractor, log, progress: bool, strict: bool, workers: int) -> _Build:
@@ -543,6 +563,14 @@ def _write_rows(b: _Build, commit: Path, backend, names: List[str], raw_of, loc,
         shutil.copyfile(src, commit / f"{k}.h5")
     if local_ext is not None:
         os.replace(work / "local.h5", commit / "local.h5")
+    k_graph = 0 if milvus_uri else knn.graph_k(b.graph)
+    if k_graph:  # each gallery image's neighbours, by the index's own search (cbir/index/knn.py)
+        t1 = time.time()
+        pb = _progress(total=n, desc="k-NN graph", enabled=b.progress, unit="image")
+        nbr, sims = knn.compute_from_file(commit / store.FEATURES, np.arange(n, dtype=np.int64), backend.search, k_graph, pb.update)
+        pb.close()
+        knn.write(commit / knn.GRAPH_FILE, nbr, sims)
+        b.seconds["graph"] = round(time.time() - t1, 3)
     b.seconds["index"] = round(time.time() - t0, 3)
     b.seconds["total"] = round(time.time() - t_start, 3)
     manifest = {
@@ -567,6 +595,8 @@ def _write_rows(b: _Build, commit: Path, backend, names: List[str], raw_of, loc,
         "keep_raw": keep_raw,
         "seconds": b.seconds,
         "local": ({"name": local, "key": local_ext.key(), "identity": local_ext.identity()} if local_ext else None),
+        "graph": b.graph,
+        "knn": {"file": knn.GRAPH_FILE, "k": k_graph} if k_graph else None,
     }
     manifest["files"] = {p.name: store.file_record(p) for p in sorted(commit.iterdir()) if p.is_file()}
     store.write_json_atomic(manifest, commit / store.MANIFEST)

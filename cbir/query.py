@@ -80,7 +80,7 @@ class Index(Gallery):
 
     def query_images(self, paths: Sequence[PathLike], top_k: int = 10, exclude_self: bool = False,
                      failures: Optional[List[Dict[str, Any]]] = None,
-                     expand: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+                     expand: Any = "index") -> List[Dict[str, Any]]:
         """Rank the gallery for each image file; returns one dict per answered query with its ranked results.
 
         A query that cannot be answered (unreadable file, an image without a usable descriptor) raises its
@@ -88,16 +88,15 @@ class Index(Gallery):
         in ``paths``) is appended there and the other queries are still answered. Errors of the index itself
         (:class:`IndexMismatch`: extractor, weights, dimension) always raise.
 
-        ``expand`` (``{"qe_k", "alpha", "dba_k"}``, cbir/index/expansion.py): alpha-QE and/or DBA.
+        ``expand``: the graph stage (cbir/index/expansion.py): ``"index"`` (what the index records, the default),
+        None (plain top-k) or ``{"qe_k", "alpha", "dba_k", "diffusion"}``.
         """
         from .data import decode_image
-        from .index.expansion import for_index
 
         if int(top_k) < 1:
             raise CbirError(f"top_k must be a positive number of results, got {top_k}")
         ext = self.extractor
-        expander = for_index(self, expand)
-        search = expander.search if expander is not None else self.search
+        search = self.searcher(expand)
         out = []
         for pos, p in enumerate(paths):
             t0 = time.time()

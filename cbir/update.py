@@ -14,7 +14,7 @@ import numpy as np
 from .build import _decode_side, _extract_singly, _fit_rows, shrink
 from .data import Entry, batches as _batches, dedupe, file_stat as _stat, iter_decoded
 from .errors import CbirError, IndexMismatch
-from .index import store
+from .index import knn, store
 from .index.backend import FaissBackend, SearchSpec, auto_spec
 from .progress import bar as _progress, log as _log
 from .query import Index
@@ -46,8 +46,9 @@ def _rewrite(idx: "Index", work: Path, rows: Dict[str, np.ndarray], backend: Fai
                                                              list(rows["file_mtime"]), np.asarray(rows["descriptors"], np.float32)), extra)
     backend.save(commit / m["faiss"])
     for name in (m.get("files") or {}):
-        if name.endswith(".h5") and name not in (store.FEATURES, store.LOCAL_FILE):
+        if name.endswith(".h5") and name not in (store.FEATURES, store.LOCAL_FILE, knn.GRAPH_FILE):
             shutil.copy2(folder / name, commit / name)  # learned state and bundled files: unchanged
+    graph_note = _update_graph(idx, commit, rows, backend)
     if m.get("local"):
         from .local.store import LocalFeatureStore
 
@@ -58,11 +59,26 @@ def _rewrite(idx: "Index", work: Path, rows: Dict[str, np.ndarray], backend: Fai
     labels = sorted({l for l in rows["labels"] if l != ""})
     manifest = {**m, "count": int(len(rows["names"])), "labels": labels, "search": backend.spec.to_json(),
                 "next_id": int(max(int(m.get("next_id", 0)), int(rows["ids"].max()) + 1 if len(rows["ids"]) else 0)),
-                "updated": store.now_iso(), "history": [*(m.get("history") or []), {**event, "at": store.now_iso()}][-100:]}
+                "updated": store.now_iso(), "history": [*(m.get("history") or []), {**event, **graph_note, "at": store.now_iso()}][-100:]}
     manifest["files"] = {p.name: store.file_record(p) for p in sorted(commit.iterdir()) if p.is_file()}
     store.write_json_atomic(manifest, commit / store.MANIFEST)
     store.commit_folder(commit, folder)
     return manifest
+
+
+def _update_graph(idx: "Index", commit: Path, rows: Dict[str, np.ndarray], backend) -> Dict[str, Any]:
+    """knn.h5 of the updated gallery (cbir/index/knn.py: only the neighbourhoods that change are searched again), for
+    an index that stores one; returns what the history records of it."""
+    rec = idx.manifest.get("knn")
+    if not isinstance(rec, dict) or not rec.get("k"):
+        return {}
+    t0 = time.time()
+    k = int(rec["k"])
+    old_nbr, old_sims = store.open_checked(idx.folder, knn.GRAPH_FILE, idx.manifest, lambda p: knn.read(p, len(idx)), True)
+    (nbr, sims), counts = knn.update(old_nbr, old_sims, idx.ids, np.asarray(rows["ids"], np.int64),
+                                     np.asarray(rows["descriptors"], np.float32), backend.search, k)
+    knn.write(commit / knn.GRAPH_FILE, nbr, sims)
+    return {"graph": {**counts, "seconds": round(time.time() - t0, 3)}}
 
 
 def _locked_update(folder: PathLike, fn):

@@ -23,7 +23,7 @@ def test_round_trip_layout_and_search(small_set, tmp_path):
     m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert m["format_version"] == store.FORMAT_VERSION and m["metric"] == "cosine" and m["count"] == 12
     assert m["extractor"]["name"] == "colour" and m["dim"] == 256
-    assert sorted(os.listdir(tmp_path / "idx")) == ["cosine.faiss", "features.h5", "manifest.json"]
+    assert sorted(os.listdir(tmp_path / "idx")) == ["cosine.faiss", "features.h5", "knn.h5", "manifest.json"]  # knn.h5: the graph stage
     assert not (tmp_path / "idx.partial").exists()
 
     idx = Index(tmp_path / "idx")

@@ -76,7 +76,7 @@ FLOORS = {
     "cbir.index": 3, "cbir.eval": 3,  # the index folder and backends; metrics and plots
     "cbir.extractors": 4, "cbir.local": 4,  # global descriptors; local features, matchers, re-ranking
     "cbir.build": 5, "cbir.query": 5, "cbir.distributed": 5,  # the stages
-    "cbir.update": 6, "cbir.sync": 6, "cbir.duplicates": 6, "cbir.eval.evaluate": 6, "cbir.export": 6,  # stages built on the query stage; ONNX export
+    "cbir.update": 6, "cbir.sync": 6, "cbir.duplicates": 6, "cbir.eval.evaluate": 6, "cbir.eval.protocol": 6, "cbir.export": 6,  # stages built on the query stage; ONNX export
     "cbir.engine": 7,  # the facade over the stages
     "cbir.cli": 8, "cbir.serve": 8,  # the command line (one module per command) and the service
     "cbir.__main__": 9,

@@ -138,6 +138,11 @@ def _add_search_structure(b: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", type=_bytes, metavar="SIZE", help="RAM for the search structure with --ann auto (e.g. 1G): picks the PQ code size")
     g.add_argument("--keep-raw", action="store_true", help="also keep the descriptors before a learned post transform (hash centre, "
                    "whitening) in features.h5, so a rebuild re-learning it reuses them instead of extracting every image again")
+    g.add_argument("--graph", metavar="SPEC", default="default",
+                   help="the graph stage this index's queries get unless they ask otherwise: 'default' (cosine indexes: alpha-QE k=5 "
+                   "over DBA k=5, alpha 3, chosen by benchmarks/suite.py on every collection; see README 'Graph stage'), 'none' (plain "
+                   "top-k), or a JSON spec such as '{\"diffusion\": {\"k\": 20}}'. Its k-NN lists are stored in knn.h5 and follow "
+                   "add / remove / compact")
 
 
 def _search_opts(a) -> Dict[str, Any]:
@@ -191,31 +196,69 @@ def _add_rerank(p: argparse.ArgumentParser) -> None:
     _add_runtime(g)
 
 
-def _expand_conf(a) -> Optional[Dict[str, Any]]:
-    """``expand`` for the engine from --expand / --qe-k / --qe-alpha / --dba-k (None: off)."""
+def _expand_conf(a) -> Any:
+    """The graph stage for the engine: ``"index"`` (what the index records) unless --graph, --expand / --qe-k /
+    --qe-alpha / --dba-k or --diffusion say otherwise (cbir/index/expansion.py)."""
     from ..index.expansion import DEFAULT_ALPHA, DEFAULT_QE_K
 
+    graph = getattr(a, "graph", None)
     qe_k, dba_k = getattr(a, "qe_k", None), getattr(a, "dba_k", None)
     if qe_k is None and getattr(a, "expand", False):
         qe_k = DEFAULT_QE_K
-    if not qe_k and not dba_k:
+    diffusion = getattr(a, "diffusion", False)
+    explicit = bool(qe_k or dba_k or diffusion)
+    if graph is not None and explicit:
+        raise CbirError("--graph names the whole graph stage; drop --expand, --qe-k, --dba-k and --diffusion (or --graph)")
+    if graph is not None:
+        return _graph_arg(graph, "--graph", allow_index=True)
+    if not explicit:
         if getattr(a, "qe_alpha", None) is not None:
             raise CbirError("--qe-alpha needs --expand, --qe-k or --dba-k")
-        return None
+        return "index"
     alpha = a.qe_alpha if getattr(a, "qe_alpha", None) is not None else DEFAULT_ALPHA
-    return {"qe_k": qe_k or 0, "alpha": alpha, "dba_k": dba_k or 0}
+    spec: Dict[str, Any] = {"qe_k": qe_k or 0, "alpha": alpha, "dba_k": dba_k or 0}
+    if diffusion:
+        spec["diffusion"] = {}
+    return spec
+
+
+def _graph_arg(text: str, flag: str, allow_index: bool = False) -> Any:
+    """``index`` / ``default`` / ``none`` or a JSON spec of the graph stage (checked here, before any work)."""
+    from ..index.expansion import parse_expand
+
+    t = str(text).strip()
+    if t in (("index",) if allow_index else ("default",)):
+        return t
+    if t.lower() in ("none", "off", "plain"):
+        return None
+    try:
+        spec = json.loads(t)
+    except ValueError:
+        words = "index (what the index records), none" if allow_index else "default, none"
+        raise CbirError(f"{flag}: expected {words} or a JSON spec such as '{{\"qe_k\": 5, \"dba_k\": 5}}' or "
+                        f"'{{\"diffusion\": {{\"k\": 20}}}}', got {t!r}") from None
+    return parse_expand(spec)
+
+
+GRAPH_HELP = ("the graph stage: 'index' (default: the one the index records, see `cbir index info`), 'none' (plain top-k), "
+              "or a JSON spec: alpha-QE and DBA '{\"qe_k\": 5, \"dba_k\": 5, \"alpha\": 3}', diffusion "
+              "'{\"diffusion\": {\"k\": 20, \"kq\": 5, \"alpha\": 0.8}}' (optionally over DBA)")
 
 
 def _add_expand(p: argparse.ArgumentParser) -> None:
     from ..index.expansion import DEFAULT_ALPHA, DEFAULT_QE_K
 
-    g = p.add_argument_group("query expansion (cosine indexes; Radenovic et al. 2018; see README)")
-    g.add_argument("--expand", action="store_true", help=f"alpha-QE: search again with the query averaged with its top --qe-k "
-                   f"results, weighted by similarity^alpha (default k {DEFAULT_QE_K}, alpha {DEFAULT_ALPHA:g}; off by default)")
+    g = p.add_argument_group("graph stage (cosine indexes: alpha-QE, DBA, diffusion; see README 'Graph stage')")
+    g.add_argument("--graph", metavar="SPEC", help=GRAPH_HELP.replace("%", "%%"))
+    g.add_argument("--no-graph", dest="graph", action="store_const", const="none", help="plain top-k (the same as --graph none)")
+    g.add_argument("--expand", action="store_true", help=f"alpha-QE instead of the index's graph stage: search again with the query "
+                   f"averaged with its top --qe-k results, weighted by similarity^alpha (default k {DEFAULT_QE_K}, alpha {DEFAULT_ALPHA:g})")
     g.add_argument("--qe-k", type=positive_int, metavar="K", help="results averaged into the query (implies --expand)")
     g.add_argument("--qe-alpha", type=float, metavar="A", help=f"similarity exponent of alpha-QE and DBA weights (default {DEFAULT_ALPHA:g})")
     g.add_argument("--dba-k", type=positive_int, metavar="K", help="database-side augmentation: each gallery vector averaged with its "
-                   "top K neighbours the same way, once per run, before searching (leave-one-out queries stay out of it)")
+                   "top K neighbours the same way before searching (leave-one-out queries stay out of it)")
+    g.add_argument("--diffusion", action="store_true", help="diffusion on the gallery's k-NN graph (Iscen et al. 2017) with its "
+                   "default parameters, over --dba-k if given")
 
 
 def _add_runtime(g) -> None:

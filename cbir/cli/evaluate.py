@@ -22,6 +22,8 @@ def cmd_eval(a) -> int:
     idx = load_index(a.index)
     idx.check_extractor(a.extractor)
     idx.set_search(nprobe=a.nprobe, ef=a.ef)
+    if a.gnd:
+        return _cmd_gnd(a, idx)
     rep = evaluate(idx, dataset=a.dataset, split=a.split, queries=a.queries, root=a.root, ks=a.k, rerank=a.rerank,
                    rerank_top=a.rerank_top, rerank_conf=_rerank_conf(a), max_rank=a.max_rank, datasets_yaml=a.datasets, progress=not a.quiet,
                    workers=a.workers, plot=a.plot, expand=_expand_conf(a), labels=a.labels)
@@ -35,6 +37,58 @@ def cmd_eval(a) -> int:
     if a.plot:
         print(f"PR curve written to {tty_safe(a.plot)}", file=sys.stderr)
     return 0
+
+
+def _cmd_gnd(a, idx) -> int:
+    """``cbir eval --gnd``: the Oxford/Paris protocol (cbir/eval/protocol.py)."""
+    from ..errors import CbirError
+    from ..eval.protocol import evaluate_gnd
+
+    if a.dataset or a.queries:
+        raise CbirError("--gnd takes its queries from the ground truth; drop --dataset / --queries")
+    rep = evaluate_gnd(idx, a.gnd, rerank=a.rerank, rerank_top=a.rerank_top, rerank_conf=_rerank_conf(a), expand=_expand_conf(a),
+                       progress=not a.quiet, max_rank=a.max_rank, images=a.images)
+    m, mr = rep["metrics"], rep.get("metrics_rerank")
+    skipped = f", {rep['n_queries_skipped']} skipped (query image not in the gallery)" if rep["n_queries_skipped"] else ""
+    print(f"{tty_safe(rep['gnd'])} ({rep['protocol']}): {rep['n_queries']} queries{skipped}, gallery {rep['gallery_size']}, "
+          f"extractor {tty_safe(rep['extractor'])}")
+    if rep["protocol"] == "revisited":
+        for setup in ("easy", "medium", "hard"):
+            line = "  " + setup.ljust(8) + " ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in m[setup].items())
+            if mr:
+                line += "   reranked " + " ".join(f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in mr[setup].items())
+            print(line)
+    else:
+        print(f"  mAP {m['map']:.4f} (trapezoidal, as the official compute_ap: {m['map_trapezoid']:.4f})"
+              + (f"; re-ranked {mr['map']:.4f} ({mr['map_trapezoid']:.4f})" if mr else ""))
+    _print_graph(rep.get("expand"))
+    sec = rep["seconds"]
+    print(f"  seconds: queries extracted {sec['extract_queries']}, search {sec['search']} ({sec['search_ms_per_query']} ms/query)"
+          + (f", rerank {sec['rerank']} ({sec['rerank_s_per_query']} s/query)" if "rerank" in sec else ""))
+    if a.json:
+        from ..index.store import write_json_atomic
+
+        json.dumps(rep, allow_nan=False)
+        write_json_atomic(rep, a.json)
+        print(f"json written to {tty_safe(a.json)}", file=sys.stderr)
+    return 0
+
+
+def _print_graph(x) -> None:
+    if not x:
+        print("  graph stage: none (plain top-k)")
+        return
+    parts = []
+    if x.get("qe_k"):
+        parts.append(f"alpha-QE k={x['qe_k']}")
+    if x.get("dba_k"):
+        parts.append(f"DBA k={x['dba_k']}")
+    if x.get("qe_k") or x.get("dba_k"):
+        parts.append(f"alpha={x['alpha']:g}")
+    d = x.get("diffusion")
+    if d:
+        parts.append("diffusion " + ", ".join(f"{k}={v:g}" for k, v in d.items()))
+    print("  graph stage: " + ", ".join(parts))
 
 
 def _print_eval(rep: Dict[str, Any], ks) -> None:
@@ -71,9 +125,7 @@ def _print_eval(rep: Dict[str, Any], ks) -> None:
     if "rerank" in s:
         line += f", rerank {s['rerank']} ({s['rerank_s_per_query']} s/query)"
     print(line)
-    if rep.get("expand"):
-        x = rep["expand"]
-        print(f"  expansion: alpha-QE k={x['qe_k']}, DBA k={x['dba_k']}, alpha={x['alpha']:g}")
+    _print_graph(rep.get("expand"))
 
 
 def register(sub, add_common=None) -> None:
@@ -88,6 +140,12 @@ def register(sub, add_common=None) -> None:
     e.add_argument("--json", metavar="PATH", help="write the report as JSON")
     e.add_argument("--plot", metavar="PNG", help="draw the precision-recall curve")
     e.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
+    e.add_argument("--gnd", metavar="PATH", help="the Oxford/Paris protocol: a folder of the official ground-truth files "
+                   "(NAME_query.txt with the query box, NAME_good/ok/junk.txt): queries cropped to their boxes, positives good + ok, "
+                   "junk left out of the ranking; or a revisited-protocol JSON (revisitop's gnd layout): Easy / Medium / Hard mAP "
+                   "and mP@1/5/10. Query images are found in the gallery by file stem")
+    e.add_argument("--images", metavar="DIR", help="with a revisited --gnd: the folder of its query images (NAME.jpg), when they "
+                   "are not gallery images")
     _add_expand(e)
     _add_rerank(e)
     _add_search_params(e)

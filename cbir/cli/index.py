@@ -7,7 +7,7 @@ import json
 from ..cliutil import non_negative_int, positive_int, tty_safe
 from ..errors import CbirError
 
-from .common import (_add_common, _add_source, _add_extractor, _extractor_from_args, _entries, _add_search_structure, _search_opts, _update_summary)
+from .common import (_graph_arg, _add_common, _add_source, _add_extractor, _extractor_from_args, _entries, _add_search_structure, _search_opts, _update_summary)
 
 
 def cmd_index_build(a) -> int:
@@ -18,7 +18,7 @@ def cmd_index_build(a) -> int:
     roots = [a.root] if getattr(a, "root", None) else ([ds["folder"]] if "folder" in ds else [])
     rep = build_index(entries, a.out, extractor=name, conf=conf, roots=roots, strict=a.strict, batch_size=a.batch_size, workers=a.workers,
                       ann=a.ann, search=_search_opts(a), progress=not a.quiet, dataset=ds, label_names=label_names, local=a.local,
-                      keep_raw=a.keep_raw, ray=a.ray, vector_store=a.store)
+                      keep_raw=a.keep_raw, ray=a.ray, vector_store=a.store, graph=_graph_arg(a.graph, "--graph"))
     m = rep.manifest
     summary = {
         "index": str(rep.out), "extractor": name, "images": rep.count, "failed": len(rep.failures),

@@ -26,13 +26,10 @@ def cmd_query(a) -> int:
     failures: List[Dict[str, Any]] = []
     expand = _expand_conf(a)
     if a.rerank:
-        if expand:
-            raise CbirError("cbir query: --rerank and query expansion (--expand, --qe-k, --dba-k) cannot be combined yet; "
-                            "use one (cbir eval combines them)")
         from ..local.rerank import Reranker
 
         res = Reranker(idx, a.rerank, conf=_rerank_conf(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top, failures=failures,
-                                                                         with_matches=bool(a.grid))
+                                                                         with_matches=bool(a.grid), expand=expand)
     else:
         res = idx.query_images(a.images, top_k=a.top_k, failures=failures, expand=expand)
     if not res:
@@ -43,7 +40,8 @@ def cmd_query(a) -> int:
     for f in failures:
         print(f"skipped query {tty_safe(f['path'])}: {tty_safe(f['cause'])}", file=sys.stderr)
     if a.json:
-        print(json.dumps({"index": str(a.index), "extractor": idx.extractor_name, "queries": res, "failures": failures}, indent=2))
+        print(json.dumps({"index": str(a.index), "extractor": idx.extractor_name, "graph": idx.searcher(expand).describe(),
+                          "queries": res, "failures": failures}, indent=2))
     else:
         for q in res:
             print(f"query {tty_safe(q['query'])}  ({q['seconds'] * 1000:.0f} ms)")

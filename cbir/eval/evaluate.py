@@ -52,7 +52,7 @@ def evaluate(
     progress: bool = True,
     workers: int = 2,
     plot: Optional[PathLike] = None,
-    expand: Optional[Dict[str, Any]] = None,
+    expand: Any = "index",
     labels: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Rank the gallery for every query and report precision@k, AP@k, mAP (and N-S where groups have 4).
@@ -64,7 +64,8 @@ def evaluate(
     the report counts them apart (``n_queries_without_relevant``, the first 10 in ``queries_without_relevant``) and
     ``n_queries`` counts the queries the metrics are means over; unreadable queries are in ``query_failures``.
     An undefined metric is None, never NaN. Raises :class:`CbirError` when no query can be evaluated.
-    ``expand`` (``{"qe_k", "alpha", "dba_k"}``): alpha-QE / DBA (cbir/index/expansion.py), leave-one-out kept.
+    ``expand``: the graph stage (cbir/index/expansion.py): ``"index"`` (what the index records, the default), None
+    (plain top-k) or ``{"qe_k", "alpha", "dba_k", "diffusion"}``; leave-one-out is kept through every stage.
     ``queries`` may be a folder; ``labels="folder"`` then labels each query by its top-level sub-folder.
     """
     from ..cliutil import tty_safe
@@ -160,10 +161,7 @@ def evaluate(
         from ..local.rerank import Reranker
 
         reranker = Reranker(idx, rerank, conf=rerank_conf or {})
-    from ..index.expansion import for_index
-
-    expander = for_index(idx, expand)
-    search = expander.search if expander is not None else idx.search
+    search = idx.searcher(expand)
     step = max(1, min(1024, (64 << 20) // max(1, 12 * K)))
     pb = _progress(total=len(qidx), desc="search", enabled=progress, unit="query")
     for a in range(0, len(qidx), step):
@@ -175,7 +173,8 @@ def evaluate(
         seed_rel.append(rel[:, :10])
         if reranker is not None:
             t1 = time.time()
-            ids_rr = np.stack([reranker.rerank(q_entries[i], ids[j], s[j], top=rerank_top) for j, i in enumerate(sel)])
+            ids_rr = np.stack([reranker.expand_verified(reranker.rerank(q_entries[i], ids[j], s[j], top=rerank_top), qvec[i], search, K,
+                                                        exclude=int(rows[i])) for j, i in enumerate(sel)])
             t_rerank += time.time() - t1
             rel_rr = (gl[np.maximum(ids_rr, 0)] == labels_q[a : a + step, None]) & (ids_rr >= 0)
             acc_rr.update(rel_rr, n_rel[a : a + step])
@@ -203,7 +202,7 @@ def evaluate(
         "n_query_failures": len(failures),
         "leave_one_out": self_in_gallery,
         "max_rank": K,
-        "expand": expander.describe() if expander is not None else None,
+        "expand": search.describe(),
         "metrics": acc.summary(),
         "seed_definition": seed_scores(np.concatenate(seed_rel)) if seed_rel else {},
         "pr_curve": {"recall": np.linspace(0, 1, 11).round(2).tolist(), "precision": curve(acc.pr())},

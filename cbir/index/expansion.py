@@ -31,6 +31,8 @@ SearchFn = Callable[..., Tuple[np.ndarray, np.ndarray]]
 DEFAULT_ALPHA = 3.0
 #: results averaged into a query by ``--expand`` alone (benchmarks/expansion.py)
 DEFAULT_QE_K = 2
+#: the graph stage an index built without --graph records, chosen by benchmarks/suite.py (README "Graph stage")
+DEFAULT_GRAPH: Dict[str, Any] = {"qe_k": 5, "alpha": 3.0, "dba_k": 5}
 
 
 def parse_expand(expand: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -39,9 +41,9 @@ def parse_expand(expand: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         return None
     if not isinstance(expand, dict):
         raise CbirError(f"expand: expected a dict with qe_k, alpha, dba_k, got {expand!r}")
-    unknown = sorted(set(expand) - {"qe_k", "alpha", "dba_k"})
+    unknown = sorted(set(expand) - {"qe_k", "alpha", "dba_k", "diffusion"})
     if unknown:
-        raise CbirError(f"expand: unknown option(s) {unknown}; options: ['alpha', 'dba_k', 'qe_k']")
+        raise CbirError(f"expand: unknown option(s) {unknown}; options: ['alpha', 'dba_k', 'diffusion', 'qe_k']")
     out = {}
     for key in ("qe_k", "dba_k"):
         v = expand.get(key) or 0
@@ -56,7 +58,14 @@ def parse_expand(expand: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     if not np.isfinite(a) or a < 0:
         raise CbirError(f"expand: alpha must be a non-negative number, got {a}")
     out["alpha"] = a
-    return out if out["qe_k"] or out["dba_k"] else None
+    from .diffusion import parse as parse_diffusion
+
+    diff = parse_diffusion(expand.get("diffusion"))
+    if diff is not None:
+        if out["qe_k"]:
+            raise CbirError("expand: diffusion replaces alpha-QE (it spreads the query over the gallery graph); drop qe_k")
+        out["diffusion"] = diff
+    return out if out["qe_k"] or out["dba_k"] or diff else None
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
@@ -107,7 +116,7 @@ class Expander:
     """Searches a gallery ``x`` (L2-normalised rows) with alpha-QE and/or DBA; ``search`` is the index's own."""
 
     def __init__(self, x: np.ndarray, search: SearchFn, qe_k: int = 0, alpha: float = DEFAULT_ALPHA, dba_k: int = 0,
-                 batch: int = 1024) -> None:
+                 batch: int = 1024, knn: Optional[Callable[[int], Tuple[np.ndarray, np.ndarray]]] = None) -> None:
         self.x = np.ascontiguousarray(x, np.float32)
         self.n, self.d = self.x.shape
         self.base_search = search
@@ -116,7 +125,8 @@ class Expander:
         self._flat = None
         if self.dba_k:
             # one neighbour more than used: the replacement when a left-out query was one of them
-            sims, ids = neighbours(self.x, search, self.dba_k + 1, batch)
+            sims, ids = knn(self.dba_k + 1) if knn is not None else neighbours(self.x, search, self.dba_k + 1, batch)
+            sims, ids = sims[:, : self.dba_k + 1], ids[:, : self.dba_k + 1]
             self.nbr, self.w = ids, sim_weights(sims, self.alpha, ids >= 0)
             u = _dba_sums(self.x, ids[:, : self.dba_k], self.w[:, : self.dba_k])
             self.u_norm = np.maximum(np.linalg.norm(u, axis=1), 1e-12).astype(np.float32)
@@ -202,5 +212,88 @@ def for_index(idx, expand: Optional[Dict[str, Any]]) -> Optional[Expander]:
     cache = idx.__dict__.setdefault("_expanders", {})
     key = (spec["qe_k"], spec["alpha"], spec["dba_k"])
     if key not in cache:
-        cache[key] = Expander(np.asarray(idx.descriptors), idx.search, **spec)
+        cache[key] = Expander(np.asarray(idx.descriptors), idx.search, qe_k=spec["qe_k"], alpha=spec["alpha"],
+                              dba_k=spec["dba_k"], knn=lambda k: knn_graph(idx, k))
     return cache[key]
+
+
+def knn_graph(idx, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(sims, rows) ``(n, >= k)`` of each gallery row's nearest other rows: the index's stored graph when it holds
+    enough neighbours (cbir/index/knn.py), else computed once with the index's own search and kept on ``idx``."""
+    cache = idx.__dict__.setdefault("_knn", {})
+    have = max((kk for kk in cache if kk >= k), default=None)
+    if have is None:
+        stored = getattr(idx, "stored_knn", None)
+        got = stored(k) if stored is not None else None
+        if got is None:
+            got = neighbours(np.asarray(idx.descriptors), idx.search, int(k))
+        cache[got[1].shape[1]] = got
+        have = got[1].shape[1]
+    return cache[have]
+
+
+class Searcher:
+    """The search stage of an opened index: plain top-k, or the graph stage ``spec`` (alpha-QE / DBA) over it.
+
+    ``searcher(vectors, k, exclude=None)`` answers like the index's own ``search``; :meth:`describe` says what is
+    applied (None: plain search), the ``expand`` that reports and ``--json`` carry.
+    """
+
+    def __init__(self, idx, spec: Optional[Dict[str, Any]]) -> None:
+        self.spec = parse_expand(spec)
+        if self.spec and idx.metric != "cosine":
+            raise CbirError(f"{idx.folder}: query expansion, DBA and diffusion need a cosine index of float descriptors; "
+                            f"this one compares {idx.metric} codes (build it with a float extractor, e.g. pooled)")
+        diff = (self.spec or {}).get("diffusion")
+        self.expander = for_index(idx, self.spec) if self.spec and (self.spec["qe_k"] or self.spec["dba_k"]) else None
+        self._search = self.expander.search if self.expander is not None else idx.search
+        self._plain = idx.search
+        if diff:
+            from .diffusion import Diffusion
+
+            sims, ids = knn_graph(idx, diff["k"] + 1)
+            self._search = Diffusion(len(idx), ids, sims, self._search, diff).search
+
+    def __call__(self, q: np.ndarray, k: int, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        s, ids = self._search(q, k, exclude=exclude)
+        if self.spec is None:
+            return s, ids
+        return _copies_first(q, s, ids, self._plain, exclude)
+
+    def describe(self) -> Optional[Dict[str, Any]]:
+        return self.spec
+
+
+#: cosine at or above which a gallery image is the query itself (the same pixels: float rounding only)
+COPY_COSINE = 0.99999
+
+
+def _copies_first(q, s, ids, plain, exclude, look: int = 4):
+    """A gallery copy of the query itself keeps rank 1 (with its plain similarity): the graph stage scores the query
+    against augmented or diffused vectors, where an exact copy can slip behind a close neighbour."""
+    s0, i0 = plain(q, look, exclude=exclude)
+    for b in range(len(q)):
+        dup = [int(i) for i, v in zip(i0[b], s0[b]) if i >= 0 and v >= COPY_COSINE]
+        if not dup or list(ids[b, : len(dup)]) == dup:
+            continue
+        rest = [(int(i), float(v)) for i, v in zip(ids[b], s[b]) if i >= 0 and int(i) not in dup]
+        top = max([float(s[b].max()) if s.shape[1] else 1.0] + [float(v) for i, v in zip(i0[b], s0[b]) if int(i) in dup])
+        merged = [(i, top) for i in dup] + rest
+        merged = merged[: ids.shape[1]]
+        ids[b] = -1
+        s[b] = 0.0
+        ids[b, : len(merged)] = [i for i, _ in merged]
+        s[b, : len(merged)] = [v for _, v in merged]
+    return s, ids
+
+
+def searcher(idx, expand: Any = "index") -> Searcher:
+    """The :class:`Searcher` of ``idx`` for ``expand``: ``"index"`` (what its manifest records as its graph stage;
+    plain search for an index that records none), None / False (plain search) or a spec dict."""
+    if isinstance(expand, str):
+        if expand != "index":
+            raise CbirError(f"expand: expected 'index', None or a dict, got {expand!r}")
+        expand = idx.manifest.get("graph")
+        if expand is not None and idx.metric != "cosine":
+            expand = None
+    return Searcher(idx, expand or None)

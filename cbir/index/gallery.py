@@ -117,6 +117,24 @@ class Gallery:
         rows = np.minimum(rows, len(self.ids) - 1)
         return scores, np.where((ids >= 0) & (self.ids[rows] == ids), rows, -1)
 
+    def stored_knn(self, k: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """(sims, rows) of the k-NN graph stored with the index (knn.h5, checked like every file) when it holds at
+        least ``k`` neighbours per image; None otherwise (the graph stage then computes it)."""
+        from . import knn
+
+        rec = self.manifest.get("knn")
+        if not isinstance(rec, dict) or int(rec.get("k") or 0) < int(k):
+            return None
+        nbr, sims = store.open_checked(self.folder, knn.GRAPH_FILE, self.manifest, lambda p: knn.read(p, len(self)), self._verify)
+        return knn.as_rows(nbr, sims, self.ids)
+
+    def searcher(self, expand: Any = "index"):
+        """The search stage with the graph stage ``expand`` (cbir/index/expansion.py: ``"index"``, the one this index
+        records; None: plain top-k; or a spec dict), a callable like :meth:`search` with ``describe()``."""
+        from .expansion import searcher
+
+        return searcher(self, expand)
+
     def set_search(self, nprobe: Optional[int] = None, ef: Optional[int] = None) -> None:
         """Query-time recall/speed of an IVF (``nprobe``) or HNSW (``ef``) index."""
         if hasattr(self.index, "set_search"):

@@ -100,7 +100,7 @@ class Reranker:
 
     DEFAULTS: Dict[str, Any] = {"model": "homography", "verify": {}, "min_inliers": 15, "matcher_conf": {}, "weights": None,
                                 "device": "cpu", "cache_mb": 256, "max_keypoints": None, "rotations": [0],
-                                "verdict": None, "min_matches": 0, "cascade": False, "second": None}
+                                "verdict": None, "min_matches": 0, "cascade": False, "second": None, "sv_qe": None}
 
     def __init__(self, index, matcher: str, conf: Optional[Dict[str, Any]] = None) -> None:
         from . import build_matcher, matcher_names
@@ -292,8 +292,56 @@ class Reranker:
         """The engine's call: re-order the ranked gallery rows ``ids`` of query ``entry`` (an ``Entry``)."""
         return self.rerank_item(self.query_item(entry), ids, top)
 
+    def expand_verified(self, new: np.ndarray, qvec: np.ndarray, search, k: int, exclude: Optional[int] = None,
+                        scores: Optional[Dict[int, float]] = None) -> np.ndarray:
+        """Spatially verified query expansion (Chum et al., ICCV 2007), after :meth:`rerank_item` gave ``new``.
+
+        With ``conf['sv_qe']`` (``{"k": K, "weight": W}``): the query's global vector plus W times each of its first K
+        verified results' (cosine indexes), re-normalised, searches the gallery again with ``search`` (the graph stage
+        the shortlist came from); the verified results keep the front, by inliers as re-ranking put them, and the new
+        ranking follows. A query with no verified result keeps ``new``. Returns as many rows as ``new`` (-1 padded).
+        ``scores`` (row -> score of the first search), when given, takes the second search's scores of rows it lacks.
+        """
+        conf = self.conf.get("sv_qe")
+        new = np.asarray(new, np.int64)
+        if not conf or getattr(self.index, "metric", None) != "cosine" or not hasattr(self.index, "descriptor_rows"):
+            return new
+        ver = [int(i) for i in new if i >= 0 and (self.last_results.get(int(i)) or {}).get("verified")]
+        if not ver:
+            return new
+        use = ver[: int(conf.get("k", 10))]
+        x = np.asarray(self.index.descriptor_rows(np.array(use, np.int64)), np.float32)
+        q = np.asarray(qvec, np.float32).reshape(1, -1)
+        q2 = q + float(conf.get("weight", 1.0)) * x.sum(0, keepdims=True)
+        q2 /= max(float(np.linalg.norm(q2)), 1e-12)
+        ex = None if exclude is None or exclude < 0 else np.array([int(exclude)])
+        s2, ids2 = search(q2, int(k), exclude=ex)
+        if scores is not None:
+            for i, v in zip(ids2[0], s2[0]):
+                if i >= 0:
+                    scores.setdefault(int(i), float(v))
+        seen = set(ver)
+        rest = [int(i) for i in ids2[0] if i >= 0 and int(i) not in seen]
+        out = np.full(len(new), -1, np.int64)
+        merged = (ver + rest)[: len(new)]
+        out[: len(merged)] = merged
+        return out
+
+    def rerank_image(self, img: np.ndarray, ids: np.ndarray, scores: Optional[np.ndarray] = None, top: int = 100) -> np.ndarray:
+        """Re-order ``ids`` for a query given as an RGB image (e.g. a query cropped to its box), in the frame
+        :meth:`query_frame` gives it."""
+        return self.rerank_item(self._query_views(img), ids, top)
+
+    def query_frame(self, img: np.ndarray) -> np.ndarray:
+        """``img`` (full resolution) reduced as the gallery's images were for their local features."""
+        from ..data import resize_max_side
+
+        side = self._max_side()
+        return resize_max_side(img, side) if side else img
+
     def query_images(self, paths: Sequence, top_k: int = 10, top: int = 100,
-                     failures: Optional[List[Dict[str, Any]]] = None, with_matches: bool = False) -> List[Dict[str, Any]]:
+                     failures: Optional[List[Dict[str, Any]]] = None, with_matches: bool = False,
+                     expand: Any = "index") -> List[Dict[str, Any]]:
         """Like ``Index.query_images``, re-ranked; each re-ranked result carries its ``inliers`` and ``verified``.
 
         ``failures``: as in ``Index.query_images`` (a list: unreadable queries are appended there as
@@ -308,13 +356,15 @@ class Reranker:
             raise CbirError(f"top_k must be a positive number of results, got {top_k}")
         idx = self.index
         ext = idx.extractor
+        # the shortlist is the graph stage's ranking, as `cbir query` without --rerank gives
+        search = idx.searcher(expand) if hasattr(idx, "searcher") else idx.search
         out = []
         for pos, p in enumerate(paths):
             t0 = time.time()
             try:
                 _, vec = idx.describe_images([decode_image(p, max_side=ext.max_side)])
                 k = min(len(idx), max(int(top_k), int(top)))
-                s, ids = idx.search(vec, k)
+                s, ids = search(vec, k)
                 views = self._query_views(self._image(p))
             except CbirError as err:
                 query_failed(failures, p, pos, err)
@@ -325,6 +375,7 @@ class Reranker:
                 new = self.rerank_item(views, ids[0], top=top)
             finally:
                 self.keep_points = False
+            new = self.expand_verified(new, vec[0], search, k, scores=score_of)
             qsize = _frame(views[0] if isinstance(views, QueryViews) else views)
             results = []
             for r, i in enumerate([int(i) for i in new if i >= 0][: int(top_k)]):

@@ -522,8 +522,12 @@ def create_app(cfg: ServeConfig):
         labels = idx.labels
         return lambda r: labels[r] in keys
 
-    def expand_conf(expand: bool, qe_k: Optional[int]) -> Optional[Dict[str, Any]]:
-        if not expand and not qe_k:
+    def expand_conf(expand: Optional[bool], qe_k: Optional[int]) -> Any:
+        """The graph stage of a request: the index's own (as `cbir query` does) unless the request asks otherwise:
+        ``expand=false`` plain top-k, ``expand=true`` / ``qe_k`` alpha-QE with that many results."""
+        if expand is None and not qe_k:
+            return "index"
+        if expand is False and not qe_k:
             return None
         from ..index.expansion import DEFAULT_ALPHA, DEFAULT_QE_K
 
@@ -533,12 +537,10 @@ def create_app(cfg: ServeConfig):
         """(row, score) pairs, best first: the top ``top_k`` of the gallery passing ``keep`` (None: all)."""
         idx = loaded.index
         n = len(idx)
-        if expand is not None:
-            from ..index.expansion import for_index
-
-            search = for_index(idx, expand).search
-        else:
-            search = idx.search
+        try:
+            search = loaded.searcher(expand)
+        except CbirError as e:
+            raise ApiError(400, str(e)) from None
         ex = None if exclude is None else np.array([exclude])
         want = min(n, top_k + (0 if exclude is None else 1))
         k = want if keep is None else min(n, max(4 * top_k, 64))
@@ -585,10 +587,13 @@ def create_app(cfg: ServeConfig):
             pairs = ranked(loaded, vec, top_k, keep, expand, exclude)
             seconds["search"] = time.perf_counter() - t
             return answer(loaded, pairs), None
-        if expand is not None:
-            raise ApiError(400, "rerank and expand cannot be combined yet; use one")
-        cands = ranked(loaded, vec, max(top_k, rerank_top), keep, None, exclude)
+        cands = ranked(loaded, vec, max(top_k, rerank_top), keep, expand, exclude)
         seconds["search"] = time.perf_counter() - t
+        score = dict(cands)
+
+        def search_rows(q, k, exclude=None):  # the graph stage with the label filter, as arrays (for verified expansion)
+            got = ranked(loaded, q, k, keep, expand, None if exclude is None else int(exclude[0]))
+            return np.array([[s for _, s in got]], np.float32), np.array([[r for r, _ in got]], np.int64)
         reranker, lock = loaded.reranker(matcher)
 
         def work():
@@ -597,6 +602,7 @@ def create_app(cfg: ServeConfig):
                 views = query_views(reranker)
                 ids = np.array([r for r, _ in cands], np.int64)
                 new = reranker.rerank_item(views, ids, top=rerank_top)
+                new = reranker.expand_verified(new, vec[0], search_rows, len(ids), exclude=exclude, scores=score)
                 inl = dict(reranker.last_inliers)
                 # the re-ranker's own verdict where it gives one (a named re-ranker's rule), else the inlier floor
                 detail = getattr(reranker, "last_results", None) or {}
@@ -606,7 +612,6 @@ def create_app(cfg: ServeConfig):
             return new, inl, ver
 
         new, inl, ver = service.gate.run(work, deadline_left(request), "re-ranking")
-        score = dict(cands)
         pairs = [(int(r), score[int(r)]) for r in new if int(r) >= 0][:top_k]
         return answer(loaded, pairs, inl, ver), {"matcher": matcher, "features": loaded.local_features, "top": rerank_top,
                                                   "min_inliers": int(reranker.conf["min_inliers"])}
@@ -627,7 +632,8 @@ def create_app(cfg: ServeConfig):
                                        "lightglue, mnn...) or true for the one that fits the index's local features")
     rerank_top_q = Query(cfg.rerank_top, ge=1, le=1000, description="candidates verified when re-ranking")
     label_q = Query(None, description="only results with this label")
-    expand_q = Query(False, description="alpha query expansion (cosine indexes)")
+    expand_q = Query(None, description="the graph stage: unset, the index's own (as `cbir query`); false, plain top-k; "
+                                       "true, alpha query expansion (cosine indexes)")
     qe_k_q = Query(None, ge=1, le=50, description="results averaged into the query (implies expand)")
     index_q = Query(None, description="which served index (default: the first)")
 
@@ -676,7 +682,7 @@ def create_app(cfg: ServeConfig):
     @app.post("/search", summary="rank the gallery for an uploaded image")
     def search(request: Request, image: Optional[UploadFile] = File(None, description="the query image (any format PIL reads)"),
                top_k: int = top_k_q, rerank: Optional[str] = rerank_q, rerank_top: int = rerank_top_q, label: Optional[str] = label_q,
-               expand: bool = expand_q, qe_k: Optional[int] = qe_k_q, index: Optional[str] = index_q):
+               expand: Optional[bool] = expand_q, qe_k: Optional[int] = qe_k_q, index: Optional[str] = index_q):
         t0 = time.perf_counter()
         loaded = service.loaded(index)
         seconds: Dict[str, float] = {}
@@ -704,7 +710,7 @@ def create_app(cfg: ServeConfig):
 
     @app.get("/search/similar/{name:path}", summary="more like this: rank the gallery for one of its own images")
     def similar(request: Request, name: str, top_k: int = top_k_q, rerank: Optional[str] = rerank_q, rerank_top: int = rerank_top_q,
-                label: Optional[str] = label_q, expand: bool = expand_q, qe_k: Optional[int] = qe_k_q, index: Optional[str] = index_q):
+                label: Optional[str] = label_q, expand: Optional[bool] = expand_q, qe_k: Optional[int] = qe_k_q, index: Optional[str] = index_q):
         t0 = time.perf_counter()
         loaded = service.loaded(index)
         row = gallery_row(loaded, name)

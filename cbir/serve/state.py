@@ -8,6 +8,7 @@ Nothing here knows HTTP: :mod:`cbir.serve.app` turns :class:`Busy` into 503, :cl
 from __future__ import annotations
 
 import collections
+import json
 import contextlib
 import logging
 import math
@@ -103,6 +104,7 @@ class Loaded:
         self.loaded_at = time.time()
         self.thumbs = LRUBytes(thumb_cache_bytes)
         self._rerankers: Dict[str, Tuple[Any, threading.Lock]] = {}
+        self._searchers: Dict[str, Any] = {}
         self._lock = threading.Lock()
 
     @property
@@ -117,6 +119,16 @@ class Loaded:
         """Index-side vectors of decoded query images (one row each)."""
         _, vectors = self.index.describe_images(images)
         return vectors
+
+    def searcher(self, expand: Any = "index"):
+        """The index's search stage for ``expand`` (cbir/index/expansion.py), built once per index version: its gallery
+        graph (DBA vectors, k-NN lists) is made on first use and then only read, by any number of requests at once."""
+        key = json.dumps(expand, sort_keys=True)
+        with self._lock:
+            hit = self._searchers.get(key)
+            if hit is None:
+                hit = self._searchers[key] = self.index.searcher(expand)
+            return hit
 
     def reranker(self, matcher: str):
         """``(Reranker, lock)`` for ``matcher``, built once per index version (the matcher's models are loaded once);
@@ -151,7 +163,13 @@ def open_index(name: str, folder: Path, previous: Optional[Loaded] = None, warm:
             idx.describe_images([rng.integers(0, 256, (side, side, 3), dtype=np.uint8)])
         except Exception as e:  # noqa: BLE001 - warming up is an optimisation only
             log.warning("%s: warm-up query failed (%s)", folder, e)
-    return Loaded(name, folder, idx, stamp)
+    loaded = Loaded(name, folder, idx, stamp)
+    if warm:
+        try:  # the index's graph stage (DBA vectors, k-NN lists) is made now, not in the first request
+            loaded.searcher("index")
+        except CbirError as e:
+            log.warning("%s: its graph stage could not be prepared (%s)", folder, e)
+    return loaded
 
 
 def _close_files(loaded: Loaded) -> None:

@@ -12,7 +12,7 @@ def test_each_kind_places_the_backbone_options_itself():
     assert name == "fused" and [p["conf"].get("backbone") for p in conf["parts"] if p["name"] == "pooled"] == ["xfeat"]
     assert configure("hash", base="pooled", backbone="xfeat") == ("hash", {"base": "pooled", "base_conf": {"backbone": "xfeat"}})
     assert configure("semantic", head="h.h5") == ("semantic", {"head": "h.h5"})
-    assert configure(None) == ("fused", {})  # the default extractor, its own defaults
+    assert configure(None) == ("pooled", {})  # the default extractor, its own defaults
 
 
 def test_a_jit_prefix_and_weights_are_recorded_absolute(tmp_path, monkeypatch):

@@ -83,7 +83,9 @@ def test_fused_cosine_is_weighted_mean_of_parts(images):
 def test_configure_puts_options_where_they_belong():
     name, conf = configure("hash", backbone="xfeat", base="pooled")
     assert conf == {"base": "pooled", "base_conf": {"backbone": "xfeat"}}
-    name, conf = configure(None, backbone="aliked-t16")
+    name, conf = configure(None, backbone="aliked-t16")  # the default extractor (pooled) takes the backbone itself
+    assert name == "pooled" and conf == {"backbone": "aliked-t16"}
+    name, conf = configure("fused", backbone="aliked-t16")
     assert name == "fused" and conf["parts"][0]["conf"]["backbone"] == "aliked-t16"
     with pytest.raises(CbirError, match="needs --head"):
         configure("semantic")
@@ -165,7 +167,7 @@ def test_defaults_are_built_on_imagenet_mobilenet_v2(images, mnv2_weights):
     assert make_extractor("pooled", {"pool": "gem"}).conf["pool"] == "gem"
     assert make_extractor("pooled", {"backbone": "xfeat"}).conf["pool"] == "gem"  # other backbones: unchanged
 
-    assert DEFAULT_EXTRACTOR == "fused"
+    assert DEFAULT_EXTRACTOR == "pooled"  # chosen by benchmarks/suite.py (README "Defaults")
     assert [(q["name"], q["conf"].get("backbone"), q["weight"]) for q in DEFAULT_PARTS] == [
         ("pooled", "mobilenet_v2", 1.0), ("colour", None, 0.1)]
     f = make_extractor("fused")

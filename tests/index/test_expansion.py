@@ -95,11 +95,12 @@ def test_engine_and_cli_hooks(small_set, tmp_path, capsys):
     idx = Index(tmp_path / "idx")
     rep = evaluate(idx, progress=False, expand={"qe_k": 2, "dba_k": 2})
     assert rep["expand"] == {"qe_k": 2, "alpha": 3.0, "dba_k": 2} and rep["leave_one_out"]
-    assert evaluate(idx, progress=False)["expand"] is None
+    assert evaluate(idx, progress=False)["expand"] == idx.manifest["graph"]  # the stage the index records (test_graph.py)
+    assert evaluate(idx, progress=False, expand=None)["expand"] is None
     res = idx.query_images([entries[0].path], top_k=3, expand={"qe_k": 1})
     assert len(res[0]["results"]) == 3
     assert main(["eval", "--index", str(tmp_path / "idx"), "--qe-k", "2", "--dba-k", "1", "--quiet"]) == 0
-    assert "alpha-QE k=2, DBA k=1" in capsys.readouterr().out
+    assert "graph stage: alpha-QE k=2, DBA k=1" in capsys.readouterr().out
     assert main(["query", str(entries[0].path), "--index", str(tmp_path / "idx"), "--expand", "--json"]) == 0
 
     build_index(entries, tmp_path / "ham", extractor="hash", conf={"base": "colour"}, progress=False)

@@ -61,6 +61,23 @@ def test_search_answers_png_and_matches_the_cli(client, gallery):
     assert [x["score"] for x in r.json()["results"]] == pytest.approx([x["score"] for x in want], abs=1e-5)
 
 
+def test_search_applies_the_index_graph_stage_like_the_cli(client, gallery):
+    """No expand parameter: the graph stage the index records, as `cbir query`; expand=false: plain top-k, as --no-graph."""
+    from cbir.engine import load_index
+
+    idx = load_index(gallery[1])
+    assert idx.manifest["graph"]  # built with the default stage
+    path = gallery[0] / "q2.jpg"
+    data = query_bytes(2, "crop")
+    path.write_bytes(data)
+    for param, expand in (("", "index"), ("&expand=false", None)):
+        r = client.post(f"/search?top_k=6{param}", files={"image": ("q.jpg", data, "image/jpeg")})
+        assert r.status_code == 200, r.text
+        want = idx.query_images([path], top_k=6, expand=expand)[0]["results"]
+        assert [x["name"] for x in r.json()["results"]] == [x["name"] for x in want], param
+        assert [x["score"] for x in r.json()["results"]] == pytest.approx([x["score"] for x in want], abs=1e-5)
+
+
 def test_label_filter(client):
     r = client.post("/search?top_k=2&label=group2", files={"image": ("q.jpg", query_bytes(0), "image/jpeg")})
     assert r.status_code == 200, r.text
@@ -611,8 +628,10 @@ def test_rerank_marks_verified_results(tmp_path):
         s = c.get("/search/similar/img/g1_base.jpg?top_k=2&rerank=mnn").json()
         assert [x["label"] for x in s["results"]] == ["group1", "group1"] and s["results"][0]["verified"]
         assert "unknown re-ranker" in _err(c.post("/search?rerank=warp-drive", files={"image": ("q.jpg", query_bytes(1), "image/jpeg")}), 400)
-        assert "cannot be combined" in _err(c.post("/search?rerank=true&expand=true",
-                                                   files={"image": ("q.jpg", query_bytes(1), "image/jpeg")}), 400)
+        # re-ranking verifies the graph stage's shortlist, whatever it is (alpha-QE asked for here)
+        r = c.post("/search?top_k=3&rerank=true&expand=true", files={"image": ("q.jpg", query_bytes(1), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        assert [x["label"] for x in r.json()["results"]][:2] == ["group1", "group1"] and r.json()["results"][0]["verified"]
 
 
 
