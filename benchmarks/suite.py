@@ -42,8 +42,9 @@ sys.path.insert(0, str(REPO))
 from cbir.data import load_dataset, read_file_list  # noqa: E402
 from cbir.engine import Index, build_index, evaluate  # noqa: E402
 from cbir.eval.protocol import evaluate_gnd  # noqa: E402
-from cbir.extractors import DEFAULT_EXTRACTOR, configure  # noqa: E402
+from cbir.extractors import configure  # noqa: E402
 from cbir.extractors.runtime import set_threads  # noqa: E402
+from cbir.index.expansion import DEFAULT_GRAPH  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 PARIS = DATA / "landmark_paris6k_subset"
@@ -56,9 +57,9 @@ COLLECTIONS = {
     "paris6k_subset": ("paris6k_subset", ["precision@10", "map"]),
     "paris6k_protocol": (None, ["map"]),
 }
-#: the graph stages of the study; "index" = what the index records (the default pipeline)
+#: the graph stages of the study; "default" = what `cbir index build` records (cbir.index.expansion.DEFAULT_GRAPH)
 GRAPHS: Dict[str, Any] = {
-    "index": "index",
+    "default": DEFAULT_GRAPH,
     "none": None,
     "qe1": {"qe_k": 1},
     "qe2": {"qe_k": 2},
@@ -82,6 +83,10 @@ GRAPHS: Dict[str, Any] = {
     "qe5-dba5-a2": {"qe_k": 5, "dba_k": 5, "alpha": 2.0},
     "qe5-dba5-a5": {"qe_k": 5, "dba_k": 5, "alpha": 5.0},
     "qe7-dba7-a5": {"qe_k": 7, "dba_k": 7, "alpha": 5.0},
+    "qe4-dba7": {"qe_k": 4, "dba_k": 7},
+    "qe5-dba10": {"qe_k": 5, "dba_k": 10},
+    "qe5-dba7-a4": {"qe_k": 5, "dba_k": 7, "alpha": 4.0},
+    "qe6-dba7": {"qe_k": 6, "dba_k": 7},
     "qe3-dba3-a5": {"qe_k": 3, "dba_k": 3, "alpha": 5.0},
 }
 GRAPHS.update({f"diff-k{k}-q{q}-a{a}": {"diffusion": {"k": k, "kq": q, "alpha": a / 100}}
@@ -90,6 +95,7 @@ GRAPHS.update({f"dba3-diff-k{k}-q{q}-a{a}": {"dba_k": 3, "diffusion": {"k": k, "
                for k in (10, 20) for q in (5, 10) for a in (80, 90)})
 #: the extractors of the study (name -> cbir.extractors.configure arguments)
 EXTRACTORS: Dict[str, Dict[str, Any]] = {
+    "default": {"name": None},  # what `cbir index build` uses without --extractor (DEFAULT_EXTRACTOR + DEFAULT_CONF)
     "pooled": {"name": "pooled"},
     "fused": {"name": "fused"},
     "mnv2-gem": {"name": "mnv2-gem"},
@@ -97,12 +103,24 @@ EXTRACTORS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _index(ext: str, coll: str, work: Path) -> Path:
-    folder = work / ext / coll
+def _same_as(ext: str) -> str:
+    """The study's name of the extractor ``ext`` resolves to (``default`` is one of the others): its indexes are reused."""
+    from cbir.extractors import make_extractor
+
+    key = make_extractor(*configure(**EXTRACTORS[ext])).key()
+    for other, args in EXTRACTORS.items():
+        if other != ext and make_extractor(*configure(**args)).key() == key:
+            return other
+    return ext
+
+
+def _index(ext: str, coll: str, work: Path, local: Optional[str] = None) -> Path:
+    ext = _same_as(ext) if ext == "default" else ext
+    folder = work / (ext if local is None else f"{ext}+local-{local}") / coll
     if (folder / "manifest.json").is_file():
         return folder
     name, conf = configure(**EXTRACTORS[ext])
-    kw = {"extractor": name, "conf": conf}
+    kw = {"extractor": name, "conf": conf, "local": local}
     ds = COLLECTIONS[coll][0]
     entries = load_dataset(ds).gallery if ds else read_file_list(PARIS / "gnd_paris6k.csv", root=PARIS, label_column="status")
     t0 = time.time()
@@ -111,22 +129,28 @@ def _index(ext: str, coll: str, work: Path) -> Path:
     return folder
 
 
-def run_one(ext: str, graph: str, work: Path, collections: List[str]) -> Dict[str, Any]:
+def run_one(ext: str, graph: str, work: Path, collections: List[str], rerank: Optional[str] = None) -> Dict[str, Any]:
     row: Dict[str, Any] = {"extractor": ext, "graph": graph, "collections": {}}
+    if rerank:
+        row["rerank"] = rerank
     for coll in collections:
-        folder = _index(ext, coll, work)
+        folder = _index(ext, coll, work, local="default" if rerank else None)
         idx = Index(folder)
         t0 = time.time()
+        kw = {"rerank": rerank, "rerank_top": 100} if rerank else {}
         if coll == "paris6k_protocol":
-            rep = evaluate_gnd(idx, PARIS / "gt", expand=GRAPHS[graph], progress=False)
+            rep = evaluate_gnd(idx, PARIS / "gt", expand=GRAPHS[graph], progress=False, **kw)
         else:
-            rep = evaluate(idx, dataset=COLLECTIONS[coll][0], progress=False, expand=GRAPHS[graph])
+            rep = evaluate(idx, dataset=COLLECTIONS[coll][0], progress=False, expand=GRAPHS[graph], **kw)
         secs = time.time() - t0
-        m = rep["metrics"]
+        m = rep["metrics_rerank"] if rerank else rep["metrics"]
         fig = {k: round(float(m[k]), 4) for k in COLLECTIONS[coll][1]}
         if "map" not in fig:
             fig["map"] = round(float(m["map"]), 4)
         bs = folder.parent / f"{coll}.build_seconds"
+        if rerank:
+            fig["before_rerank"] = {k: round(float(rep["metrics"][k]), 4) for k in COLLECTIONS[coll][1]}
+            fig["rerank_s_per_query"] = rep["seconds"]["rerank_s_per_query"]
         fig.update({"n_queries": rep["n_queries"], "eval_seconds": round(secs, 2),
                     "build_seconds": float(bs.read_text()) if bs.is_file() else None,
                     "ms_per_query": round(1000 * secs / max(1, rep["n_queries"]), 2)})
@@ -146,7 +170,8 @@ def fmt(row: Dict[str, Any]) -> str:
     parts = []
     for coll, fig in c.items():
         parts.append(coll + " " + "/".join(f"{fig[k]:.3f}" for k in COLLECTIONS[coll][1]))
-    return f"{row['extractor']:12s} {row['graph']:12s} mean mAP {row['mean_map']:.4f}  " + "  ".join(parts)
+    rr = f" +rerank {row['rerank']}" if row.get("rerank") else ""
+    return f"{row['extractor']:12s} {row['graph']:12s}{rr} mean mAP {row['mean_map']:.4f}  " + "  ".join(parts)
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
@@ -155,19 +180,22 @@ def table(rows: List[Dict[str, Any]]) -> str:
     short = {"precision@10": "P@10", "map": "mAP", "ns_score": "N-S"}
     head = "| extractor | graph stage | " + " | ".join(f"{c} {' / '.join(short[m] for m in COLLECTIONS[c][1])}" for c in colls) + " | mean mAP |"
     lines = [head, "|" + "---|" * (len(colls) + 3)]
-    for r in sorted(rows, key=lambda r: -(r["mean_map"] or 0)):
+    full = [r for r in rows if set(r["collections"]) == set(colls)]  # rows over every collection only
+    for r in sorted(full, key=lambda r: -(r["mean_map"] or 0)):
         cells = []
         for c in colls:
             f = r["collections"].get(c)
             cells.append(" / ".join(f"{f[m]:.3f}" if m != "ns_score" else f"{f[m]:.2f}" for m in COLLECTIONS[c][1]) if f else "")
-        lines.append(f"| {r['extractor']} | {r['graph']} | " + " | ".join(cells) + f" | {r['mean_map']:.4f} |")
+        rr = f" + rerank {r['rerank']}" if r.get("rerank") else ""
+        lines.append(f"| {r['extractor']} | {r['graph']}{rr} | " + " | ".join(cells) + f" | {r['mean_map']:.4f} |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--extractors", nargs="+", default=[DEFAULT_EXTRACTOR], choices=sorted(EXTRACTORS))
-    ap.add_argument("--graphs", nargs="+", default=["index"], choices=sorted(GRAPHS))
+    ap.add_argument("--extractors", nargs="+", default=["default"], choices=sorted(EXTRACTORS))
+    ap.add_argument("--graphs", nargs="+", default=["default"], choices=sorted(GRAPHS))
+    ap.add_argument("--rerank", metavar="NAME", help="also re-rank the top 100 (indexes built with --local default; e.g. default)")
     ap.add_argument("--grid", action="store_true", help="every extractor x every graph stage")
     ap.add_argument("--collections", nargs="+", default=list(COLLECTIONS), choices=list(COLLECTIONS))
     ap.add_argument("--work", type=Path, default=REPO / "indexes" / "bench" / "suite", help="where the indexes are kept")
@@ -182,14 +210,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     set_threads(a.threads)
     exts = sorted(EXTRACTORS) if a.grid else a.extractors
-    graphs = [g for g in GRAPHS if g != "index"] if a.grid else a.graphs
+    graphs = [g for g in GRAPHS if g != "default"] if a.grid else a.graphs
     rows = []
     for ext in exts:
         for g in graphs:
-            row = run_one(ext, g, a.work, a.collections)
+            row = run_one(ext, g, a.work, a.collections, a.rerank)
             rows.append(row)
             print(fmt(row), flush=True)
-            keep = [r for r in old["rows"] if (r["extractor"], r["graph"]) != (ext, g) or set(r["collections"]) - set(row["collections"])]
+            key = (ext, g, a.rerank)
+            keep = [r for r in old["rows"] if (r["extractor"], r["graph"], r.get("rerank")) != key
+                    or set(r["collections"]) - set(row["collections"])]
             old["rows"] = keep + [row]
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(old, indent=1) + "\n")

@@ -18,7 +18,6 @@ import numpy as np
 from . import __version__
 from .data import Entry, batches as _batches, dedupe, file_stat as _stat, iter_decoded
 from .errors import CbirError, DecodeError
-from .extractors import DEFAULT_EXTRACTOR
 from .extractors.base import Extractor, make_extractor
 from .index import store
 from .index.backend import FaissBackend, SearchSpec, auto_spec
@@ -34,8 +33,16 @@ from .local.confs import LOCAL_DEFAULTS  # noqa: E402,F401
 FINAL_CHUNK_BYTES = 64 << 20
 
 
-def resolve_extractor(extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR, conf: Optional[Dict[str, Any]] = None) -> Extractor:
-    return extractor if isinstance(extractor, Extractor) else make_extractor(extractor, conf or {})
+def resolve_extractor(extractor: Union[str, Extractor, None] = None, conf: Optional[Dict[str, Any]] = None) -> Extractor:
+    """An extractor object; None: the default pipeline's (``DEFAULT_EXTRACTOR`` with ``DEFAULT_CONF`` under ``conf``)."""
+    if isinstance(extractor, Extractor):
+        return extractor
+    if extractor is None:
+        from .extractors import configure
+
+        extractor, base = configure(None)
+        conf = {**base, **(conf or {})}
+    return make_extractor(extractor, conf or {})
 
 
 @dataclass
@@ -60,7 +67,7 @@ def _fit_sample(entries: Sequence[Entry], n: int, seed: int = 0) -> List[Entry]:
 def build_index(
     entries: Sequence[Entry],
     out: PathLike,
-    extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR,
+    extractor: Union[str, Extractor, None] = None,
     conf: Optional[Dict[str, Any]] = None,
     roots: Sequence[PathLike] = (),
     **options: Any,
@@ -132,7 +139,7 @@ class _Build:
 def _build_locked(
     entries: Sequence[Entry],
     out: PathLike,
-    extractor: Union[str, Extractor] = DEFAULT_EXTRACTOR,
+    extractor: Union[str, Extractor, None] = None,
     conf: Optional[Dict[str, Any]] = None,
     strict: bool = False,
     batch_size: int = 16,

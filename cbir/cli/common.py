@@ -138,9 +138,13 @@ def _add_search_structure(b: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", type=_bytes, metavar="SIZE", help="RAM for the search structure with --ann auto (e.g. 1G): picks the PQ code size")
     g.add_argument("--keep-raw", action="store_true", help="also keep the descriptors before a learned post transform (hash centre, "
                    "whitening) in features.h5, so a rebuild re-learning it reuses them instead of extracting every image again")
+    from ..index.expansion import DEFAULT_GRAPH
+
+    dg = DEFAULT_GRAPH
     g.add_argument("--graph", metavar="SPEC", default="default",
-                   help="the graph stage this index's queries get unless they ask otherwise: 'default' (cosine indexes: alpha-QE k=5 "
-                   "over DBA k=5, alpha 3, chosen by benchmarks/suite.py on every collection; see README 'Graph stage'), 'none' (plain "
+                   help=f"the graph stage this index's queries get unless they ask otherwise: 'default' (cosine indexes: alpha-QE "
+                   f"k={dg['qe_k']} over DBA k={dg['dba_k']}, alpha {dg['alpha']:g}, chosen by benchmarks/suite.py on every collection; "
+                   "see README 'Graph stage'), 'none' (plain "
                    "top-k), or a JSON spec such as '{\"diffusion\": {\"k\": 20}}'. Its k-NN lists are stored in knn.h5 and follow "
                    "add / remove / compact")
 

@@ -17,7 +17,9 @@ def cmd_train(a) -> int:
         raise CbirError(f"the head's base must be a float extractor without a gallery codebook (fused, pooled, colour), not {a.extractor}")
     from ..extractors import HEAD_BASE_PARTS
 
-    name, conf = _extractor_from_args(a, fused_parts=HEAD_BASE_PARTS if a.extractor in (None, "fused") else None)
+    if a.extractor is None:  # the head's own default base (measured for heads, README "Descriptors"), not the index default
+        a.extractor = "fused"
+    name, conf = _extractor_from_args(a, fused_parts=HEAD_BASE_PARTS if a.extractor == "fused" else None)
     entries, ds, label_names = _entries(a)
     rep = train_head(entries, a.out, base=name, base_conf=conf, epochs=a.epochs, hidden=a.hidden, flip=not a.no_flip,
                      progress=not a.quiet, workers=a.workers, label_names=label_names)

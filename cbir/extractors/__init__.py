@@ -14,9 +14,12 @@ from ..errors import CbirError
 from .base import EXTRACTORS, Extractor, Options, make_extractor
 
 #: what `cbir index build` uses when no --extractor is given: ImageNet MobileNetV2's last block, average-pooled (1280-d),
-#: chosen by benchmarks/suite.py over every collection (README "Defaults"): with the default graph stage it beats `fused`
-#: (the same + 0.1 HSV colour) on the mean mAP of the suite, 0.931 vs 0.923; colour helps corel1k only
+#: at two scales (1 and 0.707, averaged: DEFAULT_CONF), chosen by benchmarks/suite.py over every collection (README
+#: "Defaults"): with the default graph stage its mean mAP over the suite is 0.951, single-scale `pooled` 0.931 and `fused`
+#: (+ 0.1 HSV colour, the previous default) 0.923; colour helps corel1k only
 DEFAULT_EXTRACTOR = "pooled"
+#: the options the default extractor gets where none are given (`--extractor` not given, `build_index()` without one)
+DEFAULT_CONF: Dict[str, Any] = {"scales": [1.0, 0.707]}
 
 #: the fused parts a semantic head reads by default (`cbir train`): ImageNet MobileNetV2's last block,
 #: average-pooled, + HSV colour. Measured (benchmarks/quality.py, head on corel1k's train split, test split):
@@ -65,7 +68,11 @@ def configure(
     ``name`` is an extractor (``pooled``, ``fused``, ...) or a named conf of :data:`CONFS` (``mnv2-gem``, ...).
     ``fused_parts`` replaces the default parts of ``fused`` (``cbir train`` uses :data:`HEAD_BASE_PARTS`).
     """
-    name = name or DEFAULT_EXTRACTOR
+    if name is None:  # the default pipeline's descriptor: DEFAULT_CONF under the options given
+        name, conf = configure(DEFAULT_EXTRACTOR, backbone, weights, head, pool, scales, base, extra, fused_parts)
+        if conf.get("backbone") in (None, "mobilenet_v2"):
+            conf = {**copy.deepcopy(DEFAULT_CONF), **conf}
+        return name, conf
     named = CONFS.get(name)
     if named is not None:
         given = [f"--{k}" for k, v in (("backbone", backbone), ("weights", weights), ("head", head), ("pool", pool), ("scales", scales),
@@ -86,4 +93,4 @@ def configure(
     return name, conf
 
 
-__all__ = ["EXTRACTORS", "Extractor", "Options", "make_extractor", "configure", "names", "DEFAULT_EXTRACTOR", "CONFS"]
+__all__ = ["EXTRACTORS", "Extractor", "Options", "make_extractor", "configure", "names", "DEFAULT_EXTRACTOR", "DEFAULT_CONF", "CONFS"]

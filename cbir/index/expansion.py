@@ -32,7 +32,7 @@ DEFAULT_ALPHA = 3.0
 #: results averaged into a query by ``--expand`` alone (benchmarks/expansion.py)
 DEFAULT_QE_K = 2
 #: the graph stage an index built without --graph records, chosen by benchmarks/suite.py (README "Graph stage")
-DEFAULT_GRAPH: Dict[str, Any] = {"qe_k": 5, "alpha": 3.0, "dba_k": 5}
+DEFAULT_GRAPH: Dict[str, Any] = {"qe_k": 5, "alpha": 3.0, "dba_k": 7}
 
 
 def parse_expand(expand: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:

@@ -12,7 +12,18 @@ def test_each_kind_places_the_backbone_options_itself():
     assert name == "fused" and [p["conf"].get("backbone") for p in conf["parts"] if p["name"] == "pooled"] == ["xfeat"]
     assert configure("hash", base="pooled", backbone="xfeat") == ("hash", {"base": "pooled", "base_conf": {"backbone": "xfeat"}})
     assert configure("semantic", head="h.h5") == ("semantic", {"head": "h.h5"})
-    assert configure(None) == ("pooled", {})  # the default extractor, its own defaults
+    assert configure(None) == ("pooled", {"scales": [1.0, 0.707]})  # the default extractor with DEFAULT_CONF
+    assert configure(None, scales=[1.0])[1]["scales"] == [1.0]  # an option given wins over DEFAULT_CONF
+    assert "scales" not in configure(None, backbone="xfeat")[1]  # DEFAULT_CONF is the MobileNetV2 pipeline's
+
+
+def test_build_without_an_extractor_is_the_cli_default():
+    from cbir.build import resolve_extractor
+
+    assert resolve_extractor(None).conf["scales"] == [1.0, 0.707]
+    assert resolve_extractor(None, {"scales": [1.0]}).conf["scales"] == [1.0]
+    assert resolve_extractor("pooled").conf["scales"] == [1.0]  # the extractor named explicitly: its own defaults
+    assert resolve_extractor(None).key() == make_extractor(*configure(None)).key()
 
 
 def test_a_jit_prefix_and_weights_are_recorded_absolute(tmp_path, monkeypatch):
