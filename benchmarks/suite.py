@@ -174,14 +174,20 @@ def fmt(row: Dict[str, Any]) -> str:
     return f"{row['extractor']:12s} {row['graph']:12s}{rr} mean mAP {row['mean_map']:.4f}  " + "  ".join(parts)
 
 
-def table(rows: List[Dict[str, Any]]) -> str:
-    """README's markdown table: one row a pipeline, a column a collection (its metrics named in the header)."""
+def table(rows: List[Dict[str, Any]], select: Optional[List[str]] = None) -> str:
+    """README's markdown table: one row a pipeline, a column a collection (its metrics named in the header);
+    ``select``: only these ``EXTRACTOR/GRAPH`` rows, in this order."""
     colls = list(COLLECTIONS)
     short = {"precision@10": "P@10", "map": "mAP", "ns_score": "N-S"}
     head = "| extractor | graph stage | " + " | ".join(f"{c} {' / '.join(short[m] for m in COLLECTIONS[c][1])}" for c in colls) + " | mean mAP |"
     lines = [head, "|" + "---|" * (len(colls) + 3)]
-    full = [r for r in rows if set(r["collections"]) == set(colls)]  # rows over every collection only
-    for r in sorted(full, key=lambda r: -(r["mean_map"] or 0)):
+    full = [r for r in rows if set(r["collections"]) == set(colls) and not r.get("rerank")]  # rows over every collection only
+    if select:
+        by = {f"{r['extractor']}/{r['graph']}": r for r in full}
+        full = [by[k] for k in select if k in by]
+    else:
+        full = sorted(full, key=lambda r: -(r["mean_map"] or 0))
+    for r in full:
         cells = []
         for c in colls:
             f = r["collections"].get(c)
@@ -202,11 +208,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "suite.json")
     ap.add_argument("--table", action="store_true", help="print README's table from --out and stop")
+    ap.add_argument("--select", nargs="+", metavar="EXTRACTOR/GRAPH", help="with --table: only these rows, in this order")
     ap.add_argument("--json", action="store_true", help="print the rows of this run as JSON")
     a = ap.parse_args(argv)
     old = json.loads(a.out.read_text()) if a.out.is_file() else {"rows": []}
     if a.table:
-        print(table(old["rows"]))
+        print(table(old["rows"], a.select))
         return 0
     set_threads(a.threads)
     exts = sorted(EXTRACTORS) if a.grid else a.extractors

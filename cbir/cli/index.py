@@ -129,6 +129,9 @@ def cmd_index_info(a) -> int:
             print(f"  weights {tty_safe(k)}: sha256 {tty_safe(str(v)[:16])}...")
         print("files: " + ", ".join(f"{tty_safe(k)} {v / 1e6:.2f} MB" for k, v in info["file_bytes"].items()))
         print(f"labels: {len(m['labels'])}; failures at build: {len(m['failures'])}; local features: {(m.get('local') or {}).get('name')}")
+        g, kn = m.get("graph"), m.get("knn") or {}
+        print("graph stage: " + (json.dumps(g) + (f" (k-NN graph of {kn['k']} per image in {kn.get('file')})" if kn.get("k") else "")
+                                 if g else "none (plain top-k)"))
     return 0
 
 

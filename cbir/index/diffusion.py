@@ -29,6 +29,8 @@ SearchFn = Callable[..., Tuple[np.ndarray, np.ndarray]]
 
 #: the parameters of the paper's global-descriptor setting, truncation as its Oxford/Paris experiments
 DEFAULTS: Dict[str, Any] = {"k": 20, "kq": 10, "gamma": 3.0, "alpha": 0.99, "truncate": 1000, "iters": 20}
+#: the largest value of each integer option (what a manifest or a request may make a query allocate)
+LIMITS = {"k": 1000, "kq": 1000, "truncate": 100_000, "iters": 1000}
 
 
 def parse(conf: Any) -> Optional[Dict[str, Any]]:
@@ -45,8 +47,9 @@ def parse(conf: Any) -> Optional[Dict[str, Any]]:
     out = {**DEFAULTS, **conf}
     for key in ("k", "kq", "truncate", "iters"):
         v = out[key]
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) and not (isinstance(v, float) and v.is_integer()) or int(v) < 1:
-            raise CbirError(f"diffusion: {key} must be a positive integer, got {v!r}")
+        top = LIMITS[key]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) and not (isinstance(v, float) and v.is_integer()) or not 1 <= int(v) <= top:
+            raise CbirError(f"diffusion: {key} must be an integer from 1 to {top}, got {v!r}")
         out[key] = int(v)
     for key in ("gamma", "alpha"):
         try:

@@ -31,6 +31,8 @@ SearchFn = Callable[..., Tuple[np.ndarray, np.ndarray]]
 DEFAULT_ALPHA = 3.0
 #: results averaged into a query by ``--expand`` alone (benchmarks/expansion.py)
 DEFAULT_QE_K = 2
+#: the largest k of alpha-QE / DBA / diffusion accepted (a manifest or request cannot make the graph stage allocate more)
+MAX_K = 1000
 #: the graph stage an index built without --graph records, chosen by benchmarks/suite.py (README "Graph stage")
 DEFAULT_GRAPH: Dict[str, Any] = {"qe_k": 5, "alpha": 3.0, "dba_k": 7}
 
@@ -47,8 +49,8 @@ def parse_expand(expand: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     out = {}
     for key in ("qe_k", "dba_k"):
         v = expand.get(key) or 0
-        if isinstance(v, bool) or int(v) != v or int(v) < 0:
-            raise CbirError(f"expand: {key} must be a non-negative integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer)) or int(v) != v or not 0 <= int(v) <= MAX_K:
+            raise CbirError(f"expand: {key} must be an integer from 0 to {MAX_K}, got {v!r}")
         out[key] = int(v)
     a = expand.get("alpha", DEFAULT_ALPHA)
     try:

@@ -34,12 +34,15 @@ def clusters(seed=0, groups=4, per=5, d=8, spread=0.35):
 def test_parse():
     assert parse(None) is None and parse({})["k"] == 20 and parse(True)["alpha"] == 0.99
     assert parse({"k": 5, "alpha": 0.5}) == {**parse({}), "k": 5, "alpha": 0.5}
-    for bad in ({"k": 0}, {"alpha": 1.0}, {"alpha": 0}, {"gamma": -1}, {"kq": 2.5}, {"steps": 3}, [1]):
+    for bad in ({"k": 0}, {"alpha": 1.0}, {"alpha": 0}, {"gamma": -1}, {"kq": 2.5}, {"steps": 3}, [1], {"k": 10**9}, {"truncate": "x"}):
         with pytest.raises(CbirError):
             parse(bad)
     assert parse_expand({"diffusion": {"k": 5}})["diffusion"]["k"] == 5
     with pytest.raises(CbirError, match="replaces alpha-QE"):
         parse_expand({"qe_k": 2, "diffusion": {}})
+    for bad in ({"dba_k": 10**12}, {"qe_k": "5"}, {"qe_k": -1}):  # what a manifest or a request could claim
+        with pytest.raises(CbirError, match="integer from 0 to 1000"):
+            parse_expand(bad)
 
 
 def test_diffusion_solves_the_linear_system():
