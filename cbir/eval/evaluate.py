@@ -94,7 +94,9 @@ def evaluate(
 
     # relevant gallery items of each query (itself left out when it is a gallery image of the same label);
     # queries without any cannot be scored: counted apart, left out of the metrics, named in the report
-    rows = np.array([idx.row(e.name) if idx.row(e.name) is not None else -1 for e in q_entries])
+    # a query is a gallery image by its name, or by its file (an index built before list names were normalised)
+    rows = np.array([r if r is not None else -1 for r in ((idx.row(e.name) if idx.row(e.name) is not None else idx.row_of_path(e.path))
+                                                         for e in q_entries)])
     n_rel_all = np.array([counts.get(str(e.label), 0) - (1 if r >= 0 and gl[r] == str(e.label) else 0)
                           for e, r in zip(q_entries, rows)], dtype=np.int64)
     no_rel = np.flatnonzero(n_rel_all <= 0)

@@ -52,3 +52,21 @@ def test_a_file_name_ending_in_a_space_can_be_indexed(small_set, tmp_path):
     out = tmp_path / "idx"
     build_index(entries, out, extractor="colour", progress=False, workers=0)
     assert list(Index(out).names) == ["img/sp.jpg ", "img/g1_0.jpg"]
+
+
+def test_eval_leaves_a_query_out_by_its_file_in_an_index_named_by_absolute_paths(small_set, tmp_path):
+    """An index built before names were normalised holds absolute paths as names; the same absolute query list now reads
+    as relative names, and the query is still found in the gallery (by its file) and left out of its own relevant set."""
+    from cbir.data import Entry
+    from cbir.engine import evaluate
+
+    imgs = [small_set / "img" / n for n in ("g0_0.jpg", "g0_1.jpg", "g1_0.jpg", "g2_0.jpg")]
+    labels = ["a", "a", "b", "c"]
+    out = tmp_path / "idx"
+    build_index([Entry(str(p), p, l) for p, l in zip(imgs, labels)], out, extractor="colour", progress=False, workers=0)
+    assert all(n.startswith("/") for n in Index(out).names)
+    q = tmp_path / "lists" / "q.txt"
+    q.parent.mkdir()
+    q.write_text(f"{imgs[0]}\ta\n{imgs[3]}\tc\n")
+    rep = evaluate(out, queries=q, progress=False)
+    assert rep["n_queries_without_relevant"] == 1 and rep["n_queries"] == 1  # g2_0 (c) is alone once itself is left out
