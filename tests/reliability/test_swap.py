@@ -83,6 +83,12 @@ def test_the_next_update_recovers_then_runs(half):
     assert (rep.added, rep.count) == (0, 12) and verify_index(out)["ok"]
 
 
+def test_a_build_into_the_folder_recovers_it_first(half):
+    out, lst = half
+    rep = build_index(read_file_list(lst), out, extractor="colour", progress=False, workers=0)
+    assert rep.count == 12 and rep.reused == 12 and _olds(out) == []  # the recovered index's rows were reused
+
+
 def test_a_damaged_commit_gives_back_the_old_index(half):
     out, _ = half
     commit = store.partial_dir(out) / "commit"
