@@ -69,7 +69,7 @@ def test_opening_the_folder_puts_the_committed_index_back(half):
     assert verify_index(out)["ok"] and _olds(out) == []  # the superseded old folder (cbir's own) is gone
 
 
-def test_the_cli_verify_and_query_recover_by_themselves(half, small_set):
+def test_the_cli_verify_recovers_by_itself(half):
     out, _ = half
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.run([sys.executable, "-m", "cbir", "index", "verify", str(out)], env=env, capture_output=True, text=True, timeout=300)
