@@ -265,6 +265,16 @@ class Searcher:
     def describe(self) -> Optional[Dict[str, Any]]:
         return self.spec
 
+    def without_qe(self, q: np.ndarray, k: int, exclude: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """The same stage with alpha-QE left out (DBA and diffusion kept): for a query that is already an expansion,
+        e.g. by verified results (cbir/local/rerank.py: spatially verified QE)."""
+        q = np.ascontiguousarray(q, np.float32)
+        if self.expander is not None and self.expander.qe_k and not (self.spec or {}).get("diffusion"):
+            s, ids = self.expander._gallery_search(q, k, exclude)
+        else:
+            s, ids = self._search(q, k, exclude=exclude)
+        return (s, ids) if self.spec is None else _copies_first(q, s, ids, self._plain, exclude)
+
 
 #: cosine at or above which a gallery image is the query itself (the same pixels: float rounding only)
 COPY_COSINE = 0.99999

@@ -298,7 +298,8 @@ class Reranker:
 
         With ``conf['sv_qe']`` (``{"k": K, "weight": W}``): the query's global vector plus W times each of its first K
         verified results' (cosine indexes), re-normalised, searches the gallery again with ``search`` (the graph stage
-        the shortlist came from); the verified results keep the front, by inliers as re-ranking put them, and the new
+        the shortlist came from, less its alpha-QE: the verified results are the expansion); the verified results keep
+        the front, by inliers as re-ranking put them, and the new
         ranking follows. A query with no verified result keeps ``new``. Returns as many rows as ``new`` (-1 padded).
         ``scores`` (row -> score of the first search), when given, takes the second search's scores of rows it lacks.
         """
@@ -315,7 +316,8 @@ class Reranker:
         q2 = q + float(conf.get("weight", 1.0)) * x.sum(0, keepdims=True)
         q2 /= max(float(np.linalg.norm(q2)), 1e-12)
         ex = None if exclude is None or exclude < 0 else np.array([int(exclude)])
-        s2, ids2 = search(q2, int(k), exclude=ex)
+        # the verified results replace alpha-QE: the second search keeps the rest of the graph stage (DBA, diffusion)
+        s2, ids2 = getattr(search, "without_qe", search)(q2, int(k), exclude=ex)
         if scores is not None:
             for i, v in zip(ids2[0], s2[0]):
                 if i >= 0:
