@@ -30,20 +30,26 @@ from .progress import bar as _progress, log as _log
 
 PathLike = Union[str, os.PathLike]
 
-#: Similarity from which two images are near duplicates, per extractor (its own descriptors; for a Hamming index
-#: the score is 1 - distance / bits). Chosen by benchmarks/duplicates.py: the threshold of best pair F1 on copies of
-#: 500 corel1k photos (15 kinds of edits) among the 1000 photos of their 10 classes (benchmarks/results/duplicates.json).
+#: Similarity from which two images are near duplicates by their descriptors alone (``verify=False``), per extractor
+#: (its own descriptors; for a Hamming index the score is 1 - distance / bits), and the lower one from which a pair is a
+#: candidate that local features + RANSAC then confirm (``verify=True``, the default). Both chosen by
+#: benchmarks/duplicates.py on its own descriptors of each extractor: the threshold of best pair F1 on the copies of the
+#: even-numbered sources (500 corel1k photos, 15 kinds of edits, the 1000 photos of their classes as distractors);
+#: benchmarks/results/duplicates.json has the sweeps and the held-out half.
 THRESHOLDS: Dict[str, float] = {"fused": 0.90, "pooled": 0.90}
+CANDIDATE_THRESHOLDS: Dict[str, float] = {"fused": 0.60, "pooled": 0.60}
 KEEP_RULES = ("largest", "oldest", "first")
 #: Neighbours searched per image: a group larger than k + 1 still forms, through its members' own neighbours.
-DEFAULT_K = 10
+DEFAULT_K = 5
 
 
-def threshold_for(extractor: str) -> float:
-    if extractor not in THRESHOLDS:
+def threshold_for(extractor: str, verify: bool = True) -> float:
+    table = CANDIDATE_THRESHOLDS if verify else THRESHOLDS
+    if extractor not in table:
         raise CbirError(f"no measured duplicate threshold for extractor {extractor!r} (measured: "
-                        f"{', '.join(f'{k} {v}' for k, v in sorted(THRESHOLDS.items()))}); pass --threshold")
-    return THRESHOLDS[extractor]
+                        f"{', '.join(f'{k} {v}' for k, v in sorted(table.items()))}{' with verification' if verify else ''}); "
+                        "pass --threshold")
+    return table[extractor]
 
 
 def near_pairs(search: Callable[[np.ndarray, int, np.ndarray], Tuple[np.ndarray, np.ndarray]],
@@ -147,41 +153,74 @@ def choose_keep(names: Sequence[str], facts: Sequence[Dict[str, Any]], rule: str
     return max(order[::-1], key=lambda t: ((facts[t]["width"] or 0) * (facts[t]["height"] or 0), facts[t]["bytes"] or 0))
 
 
+def _mutual_nn(d0: np.ndarray, d1: np.ndarray) -> Dict[str, np.ndarray]:
+    """Mutual nearest neighbours of two sets of unit descriptors (RootSIFT) by their dot product, in cbir/local's match
+    layout; one matrix product, the whole of it (the images' keypoints are capped)."""
+    sim = d0 @ d1.T
+    nn01 = sim.argmax(axis=1)
+    nn10 = sim.argmax(axis=0)
+    i = np.flatnonzero(nn10[nn01] == np.arange(len(d0)))
+    return {"matches": np.stack([i, nn01[i]], axis=1), "scores": sim[i, nn01[i]]}
+
+
 class PairVerifier:
-    """Local features + RANSAC on a candidate pair: RootSIFT, mutual nearest neighbours, a homography and cbir/local's
-    verdict (enough inliers, a sound inlier ratio, a well-conditioned model); a mirrored copy is tried mirrored."""
+    """Local features + RANSAC on a candidate pair: RootSIFT (``max_keypoints`` strongest), mutual nearest neighbours (:func:`_mutual_nn`), a
+    homography and cbir/local's verdict (enough inliers, a sound inlier ratio, a well-conditioned model); a pair that
+    fails is tried once more with the second image mirrored. Each image's features are extracted once and kept (float16
+    descriptors, at most ``cache`` images), so a gallery's pairs cost one extraction per image plus the matching."""
 
-    def __init__(self, max_side: int = 640) -> None:
-        from .local.pair import _build_extractor, _build_matcher
+    def __init__(self, max_side: int = 640, max_keypoints: int = 512, cache: int = 8192) -> None:
+        from .local import load_plugins
+        from .local.pair import _build_extractor
 
+        load_plugins()
         self.max_side = max_side
-        self.extractor = _build_extractor("rootsift", None, "cpu", None)
-        self.matcher = _build_matcher("mnn", "rootsift", None, "cpu", None)
-        self._cache: Dict[str, Optional[np.ndarray]] = {}
+        self.extractor = _build_extractor("rootsift", None, "cpu", {"max_keypoints": max_keypoints})
+        self.cache = cache
+        #: a copy's matches are mostly inliers: one MAGSAC++ run of at most 2000 iterations finds its model (the
+        #: re-ranking default, 4 restarts x 10,000, is for hard viewpoint changes and costs 20x on unrelated pairs)
+        self.ransac = {"method": "magsac", "restarts": 1, "max_iters": 2000}
+        self._feats: Dict[Tuple[str, bool], Optional[Tuple[Dict[str, np.ndarray], Tuple[int, int]]]] = {}
 
-    def _image(self, path: str) -> Optional[np.ndarray]:
+    def features(self, path: str, mirrored: bool = False):
         from .data import decode_image
 
-        if path not in self._cache:
-            if len(self._cache) > 256:
-                self._cache.clear()
+        key = (path, mirrored)
+        if key not in self._feats:
+            if len(self._feats) >= self.cache:
+                self._feats.pop(next(iter(self._feats)))
             try:
-                self._cache[path] = decode_image(path, max_side=self.max_side)
+                img = decode_image(path, max_side=self.max_side)
+                if mirrored:
+                    img = np.ascontiguousarray(img[:, ::-1])
+                f = self.extractor.extract(img)
+                f = {k: (np.asarray(v, np.float16) if k == "descriptors" else np.asarray(v)) for k, v in f.items()}
+                self._feats[key] = (f, (int(img.shape[1]), int(img.shape[0])))
             except DecodeError:
-                self._cache[path] = None
-        return self._cache[path]
+                self._feats[key] = None
+        return self._feats[key]
 
     def __call__(self, path0: str, path1: str) -> Dict[str, Any]:
-        from .local.pair import match_images
+        from .local.base import correspondences
+        from .local.verify import verify as fit
 
-        a, b = self._image(path0), self._image(path1)
-        if a is None or b is None:
-            return {"verified": False, "inliers": 0, "reason": "unreadable"}
+        a = self.features(path0)
+        if a is None or self.features(path1) is None:
+            return {"verified": False, "inliers": 0, "mirrored": False, "reason": "unreadable"}
+        f0, size0 = a
+        f0 = {**f0, "descriptors": np.asarray(f0["descriptors"], np.float32)}
         best = None
         for mirrored in (False, True):
-            r = match_images(a, b[:, ::-1].copy() if mirrored else b, features=self.extractor, matcher=self.matcher, max_side=None)
-            got = {"verified": bool(r["verified"]), "inliers": int(r["n_inliers"]), "mirrored": mirrored, "reason": r["verdict"]["reason"]}
-            if best is None or got["verified"] > best["verified"] or (got["verified"] == best["verified"] and got["inliers"] > best["inliers"]):
+            f1 = self.features(path1, mirrored)[0]
+            f1 = {**f1, "descriptors": np.asarray(f1["descriptors"], np.float32)}
+            if len(f0["keypoints"]) < 4 or len(f1["keypoints"]) < 4:
+                got = {"verified": False, "inliers": 0, "mirrored": mirrored, "reason": "too few keypoints"}
+            else:
+                c = correspondences(f0, f1, _mutual_nn(f0["descriptors"], f1["descriptors"]))
+                v = fit(c["keypoints0"], c["keypoints1"], "homography", **self.ransac)
+                why = v.verdict(c["keypoints0"], image_size0=size0)
+                got = {"verified": bool(why["verified"]), "inliers": int(v.score), "mirrored": mirrored, "reason": why["reason"]}
+            if best is None or (got["verified"], got["inliers"]) > (best["verified"], best["inliers"]):
                 best = got
             if got["verified"]:
                 break
@@ -198,7 +237,7 @@ class _Gallery:
 
 
 def find_duplicates(index=None, folder: Optional[PathLike] = None, threshold: Optional[float] = None, k: int = DEFAULT_K,
-                    verify: bool = False, keep: str = "largest", progress: bool = True, extractor: Optional[str] = None,
+                    verify: bool = True, keep: str = "largest", progress: bool = True, extractor: Optional[str] = None,
                     conf: Optional[Dict[str, Any]] = None, index_out: Optional[PathLike] = None, batch_size: int = 16, workers: int = 2,
                     near: bool = True) -> Dict[str, Any]:
     """Groups of duplicates among the images of ``index`` (a folder path or an opened :class:`cbir.query.Index`) or of
@@ -215,13 +254,12 @@ def find_duplicates(index=None, folder: Optional[PathLike] = None, threshold: Op
     try:
         if folder is not None:
             from .build import build_index
-            from .extractors import DEFAULT_EXTRACTOR
             from .folders import read_images
 
             entries = read_images(folder)
             out = Path(index_out) if index_out else Path(tempfile.mkdtemp(prefix="cbir-dups-")) / "index"
             tmp = None if index_out else out.parent
-            build_index(entries, out, extractor=extractor or DEFAULT_EXTRACTOR, conf=conf, progress=progress, batch_size=batch_size, workers=workers,
+            build_index(entries, out, extractor=extractor, conf=conf, progress=progress, batch_size=batch_size, workers=workers,
                         roots=[folder], dataset={"folder": os.path.abspath(folder), "labels": None, "images": len(entries)})
             index = out
             seconds["describe"] = round(time.time() - t0, 3)
@@ -233,7 +271,7 @@ def find_duplicates(index=None, folder: Optional[PathLike] = None, threshold: Op
         names = [str(n) for n in idx.names]
         paths = [str(p) for p in idx.paths]
         n = len(names)
-        thr = float(threshold) if threshold is not None else threshold_for(idx.extractor_name)
+        thr = float(threshold) if threshold is not None else threshold_for(idx.extractor_name, verify)
         if not near or thr > 1.0:
             near = False
         t = time.time()

@@ -69,7 +69,7 @@ def _fam(n):
 
 def test_folder_groups_copies_and_leaves_the_folder_untouched(folder, tmp_path):
     before = sorted((p.relative_to(folder), p.stat().st_mtime_ns) for p in folder.rglob("*"))
-    rep = find_duplicates(folder=folder, extractor="colour", threshold=0.9, progress=False)
+    rep = find_duplicates(folder=folder, extractor="colour", threshold=0.9, verify=False, progress=False)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == [b[0] for b in before]
     assert sorted((p.relative_to(folder), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
     groups = {_fam(g["images"][0]): sorted(g["images"]) for g in rep["groups"]}
@@ -81,7 +81,7 @@ def test_folder_groups_copies_and_leaves_the_folder_untouched(folder, tmp_path):
     assert kept["bytes"] == max(f["bytes"] for f in g0["files"])  # equal pixels: the most bytes
     assert g0["kind"] == "exact+near" and any(p["exact"] for p in g0["pairs"])
     assert rep["n_redundant"] == 7 and rep["index"] is None
-    strict = find_duplicates(folder=folder, extractor="colour", threshold=1.01, progress=False)  # no near pair: exact ones only
+    strict = find_duplicates(folder=folder, extractor="colour", threshold=1.01, verify=False, progress=False)  # no near pair: exact ones only
     assert [sorted(g["images"]) for g in strict["groups"]] == [["p0.png", "sub/p0_same.png"]] and strict["groups"][0]["kind"] == "exact"
 
 
@@ -90,7 +90,7 @@ def test_cli_json_csv_grid_and_index_mode(folder, tmp_path, capsys):
 
     out = tmp_path / "d.json"
     idx = tmp_path / "idx"
-    assert main(["duplicates", str(folder), "--extractor", "colour", "--threshold", "0.9", "--keep", "first", "--json", str(out),
+    assert main(["duplicates", str(folder), "--extractor", "colour", "--threshold", "0.9", "--no-verify", "--keep", "first", "--json", str(out),
                  "--csv", str(tmp_path / "d.csv"), "--grid", str(tmp_path / "g.png"), "--index-out", str(idx), "--quiet"]) == 0
     d = json.loads(out.read_text())
     assert len(d["groups"]) == 3 and all(g["keep"] == g["images"][0] == sorted(g["images"])[0] for g in d["groups"])
@@ -98,7 +98,7 @@ def test_cli_json_csv_grid_and_index_mode(folder, tmp_path, capsys):
     assert len(rows) == 10 and sum(int(r["keep"]) for r in rows) == 3
     assert (tmp_path / "g.png").stat().st_size > 1000
     assert "3 group(s) of duplicates" in capsys.readouterr().out
-    assert main(["duplicates", "--index", str(idx), "--threshold", "0.9", "--json", "--quiet"]) == 0
+    assert main(["duplicates", "--index", str(idx), "--threshold", "0.9", "--no-verify", "--json", "--quiet"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert [g["images"] for g in again["groups"]] == [sorted(g["images"]) for g in d["groups"]] or len(again["groups"]) == 3
     assert again["extractor"] == "colour" and again["index"] == str(idx)

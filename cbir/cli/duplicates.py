@@ -60,23 +60,28 @@ def cmd_duplicates(a) -> int:
 
 def register(sub, add_common=None) -> None:
     """Add this module's sub-command(s) to the main parser."""
-    from ..duplicates import DEFAULT_K, KEEP_RULES, THRESHOLDS
+    from ..duplicates import CANDIDATE_THRESHOLDS, DEFAULT_K, KEEP_RULES, THRESHOLDS
 
-    measured = ", ".join(f"{k} {v:g}" for k, v in sorted(THRESHOLDS.items()))
+    measured = "; ".join(f"{k} {CANDIDATE_THRESHOLDS[k]:g} verified, {THRESHOLDS[k]:g} with --no-verify" for k in sorted(THRESHOLDS))
     d = sub.add_parser("duplicates", help="find exact and near-duplicate images in a folder or an index (deletes nothing)",
                        description="Group exact duplicates (same SHA-256) and near duplicates (re-encoded, resized, cropped, "
-                                   "recoloured, lightly edited copies: descriptor similarity at or above the threshold, pairs from "
-                                   "the index's own k-nearest-neighbour search). Each group names the image to keep first. "
+                                   "recoloured, lightly edited copies: pairs from the index's own k-nearest-neighbour search whose "
+                                   "descriptor similarity is at or above the threshold, confirmed by local features + RANSAC unless "
+                                   "--no-verify). Each group names the image to keep first. "
                                    f"Default thresholds, measured per extractor by benchmarks/duplicates.py: {measured}. "
                                    "Nothing is deleted or moved.")
     d.add_argument("folder", nargs="?", metavar="FOLDER", help="a folder of images (described into a temporary index with "
                    "--extractor, the default one unless given); or use --index")
     d.add_argument("--index", metavar="DIR", help="an index: its gallery images, with its own extractor and search")
-    d.add_argument("--threshold", type=float, metavar="S", help=f"similarity from which two images are near duplicates (default: "
-                   f"the one measured for the index's extractor: {measured}); higher = stricter")
+    d.add_argument("--threshold", type=float, metavar="S", help=f"descriptor similarity from which a pair is a candidate (verified) or a "
+                   f"near duplicate (--no-verify); default: the one measured for the index's extractor: {measured}")
     d.add_argument("--k", type=positive_int, default=DEFAULT_K, help="neighbours searched per image (default: %(default)s)")
-    d.add_argument("--verify", action="store_true", help="confirm each near pair with local features + RANSAC (RootSIFT, mutual NN, "
-                   "homography; mirrored copies tried mirrored): the same scene, not merely similar")
+    v = d.add_mutually_exclusive_group()
+    v.add_argument("--verify", dest="verify", action="store_true", default=True, help="confirm each candidate pair with local "
+                   "features + RANSAC (RootSIFT, mutual NN, homography; mirrored copies tried mirrored): the same scene, not merely "
+                   "similar (the default: measured F1 far above descriptors alone, see README)")
+    v.add_argument("--no-verify", dest="verify", action="store_false", help="decide by descriptor similarity alone (faster on "
+                   "very large galleries, less precise)")
     d.add_argument("--keep", choices=KEEP_RULES, default="largest", help="the image each group keeps: largest (most pixels, then "
                    "bytes), oldest (mtime) or first (name order) (default: %(default)s)")
     d.add_argument("--json", nargs="?", const="-", metavar="FILE", help='write {"groups": [{"images": [...], "keep": name, ...}], '
