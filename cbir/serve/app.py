@@ -679,6 +679,29 @@ def create_app(cfg: ServeConfig):
                "allow_write": cfg.allow_write, "batches": dict(service.batcher.stats)}
         return out
 
+    @app.get("/duplicates", summary="groups of exact and near-duplicate gallery images (paged; nothing is changed)")
+    def duplicates(threshold: Optional[float] = Query(None, ge=-1.0, le=1.0, description="candidate similarity (default: the "
+                                                     "one measured for the index's extractor)"),
+                   verify: bool = Query(True, description="confirm candidate pairs with local features + RANSAC"),
+                   keep: str = Query("largest", pattern="^(largest|oldest|first)$", description="largest, oldest or first"),
+                   offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500), index: Optional[str] = index_q):
+        from ..duplicates import find_duplicates
+
+        loaded = service.loaded(index)
+        key = (threshold, verify, keep)
+        with loaded._lock:  # one computation per index version and parameters, kept for the next pages
+            cache = loaded.__dict__.setdefault("duplicates", {})
+            rep = cache.get(key)
+        if rep is None:
+            rep = find_duplicates(index=loaded.index, threshold=threshold, verify=verify, keep=keep, progress=False)
+            with loaded._lock:
+                cache[key] = rep
+        page = [{**g, "files": [{k: v for k, v in f.items() if k != "path"} | urls(loaded, f["name"]) for f in g["files"]]}
+                for g in rep["groups"][offset:offset + limit]]
+        return {"index": loaded.name, "extractor": rep["extractor"], "threshold": rep["threshold"], "verify": rep["verify"],
+                "keep_rule": rep["keep_rule"], "n_images": rep["n_images"], "n_groups": rep["n_groups"], "n_redundant": rep["n_redundant"],
+                "offset": offset, "limit": limit, "groups": page, "seconds": rep["seconds"]}
+
     @app.post("/search", summary="rank the gallery for an uploaded image")
     def search(request: Request, image: Optional[UploadFile] = File(None, description="the query image (any format PIL reads)"),
                top_k: int = top_k_q, rerank: Optional[str] = rerank_q, rerank_top: int = rerank_top_q, label: Optional[str] = label_q,
