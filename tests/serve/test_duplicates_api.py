@@ -1,8 +1,5 @@
 """GET /duplicates: the gallery's groups of copies, paged, with image and thumbnail URLs; nothing changed."""
 
-import pytest
-
-
 
 def test_duplicates_pages_groups_of_the_gallery(client, gallery):
     before = sorted(p.name for p in (gallery[0] / "photos" / "img").iterdir())
