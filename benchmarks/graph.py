@@ -9,11 +9,11 @@ model of benchmarks/scale.py: Gaussian noise with the real set's covariance, sca
 as real nearest neighbours are). The search structure is the one `cbir index build` picks at N (``auto_spec``: flat
 below 50k, IVF-SQ8 with PCA above), and the graph comes from its search, as in a build. Per N:
 
-* ``graph_build_s``: every image's K = 6 neighbours (what the default stage, DBA k 5, needs: cbir/index/knn.py);
+* ``graph_build_s``: every image's K neighbours (what the default stage needs, DBA's k + 1: cbir/index/knn.py);
 * ``add_1000_s`` / ``remove_1000_s``: knn.update for 1,000 new images / 1,000 removed ones, next to recomputing
   the whole graph (``full_recompute_s``), and whether the update equals the recomputation (``update_equals_full``);
-* ``ms_per_query``: plain search, the default stage (alpha-QE 5 over DBA 5: its DBA vectors made once at open,
-  ``dba_open_s``) and diffusion, single queries.
+* ``ms_per_query``: plain search, the default stage (alpha-QE over DBA: its DBA vectors made once at open,
+  ``open_s``) and diffusion, single queries.
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def run(n: int, gen: Generator, n_queries: int, k: int) -> dict:
     gal = _Gal(x[keep], ids[keep], b, upd2)
     q, _ = gen.queries(n_queries)
     row["ms_per_query"] = {}
-    for name, spec in (("none", None), ("default (qe5 + dba5)", DEFAULT_GRAPH), ("diffusion k5", {"diffusion": {"k": 5, "kq": 5}})):
+    dflt = f"default (qe{DEFAULT_GRAPH['qe_k']} + dba{DEFAULT_GRAPH['dba_k']})"
+    for name, spec in (("none", None), (dflt, DEFAULT_GRAPH), ("diffusion k5", {"diffusion": {"k": 5, "kq": 5}})):
         t = time.time()
         sr = Searcher(gal, spec)
         opened = time.time() - t

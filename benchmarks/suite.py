@@ -129,15 +129,16 @@ def _index(ext: str, coll: str, work: Path, local: Optional[str] = None) -> Path
     return folder
 
 
-def run_one(ext: str, graph: str, work: Path, collections: List[str], rerank: Optional[str] = None) -> Dict[str, Any]:
+def run_one(ext: str, graph: str, work: Path, collections: List[str], rerank: Optional[str] = None, local: str = "default",
+            rerank_conf: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     row: Dict[str, Any] = {"extractor": ext, "graph": graph, "collections": {}}
     if rerank:
-        row["rerank"] = rerank
+        row["rerank"] = rerank + ("" if local == "default" else f" ({local})") + (f" {json.dumps(rerank_conf)}" if rerank_conf else "")
     for coll in collections:
-        folder = _index(ext, coll, work, local="default" if rerank else None)
+        folder = _index(ext, coll, work, local=local if rerank else None)
         idx = Index(folder)
         t0 = time.time()
-        kw = {"rerank": rerank, "rerank_top": 100} if rerank else {}
+        kw = {"rerank": rerank, "rerank_top": 100, "rerank_conf": rerank_conf or {}} if rerank else {}
         if coll == "paris6k_protocol":
             rep = evaluate_gnd(idx, PARIS / "gt", expand=GRAPHS[graph], progress=False, **kw)
         else:
@@ -197,11 +198,31 @@ def table(rows: List[Dict[str, Any]], select: Optional[List[str]] = None) -> str
     return "\n".join(lines)
 
 
+def _save(path: Path, row: Dict[str, Any]) -> None:
+    """Put ``row`` into the results file, read again just before (runs side by side each keep their rows), replacing
+    the row of the same pipeline unless that one covers collections this one does not."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cur = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+        key = (row["extractor"], row["graph"], row.get("rerank"))
+        keep = [r for r in cur["rows"] if (r["extractor"], r["graph"], r.get("rerank")) != key
+                or set(r["collections"]) - set(row["collections"])]
+        cur["rows"] = keep + [row]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cur, indent=1) + "\n")
+        os.replace(tmp, path)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--extractors", nargs="+", default=["default"], choices=sorted(EXTRACTORS))
     ap.add_argument("--graphs", nargs="+", default=["default"], choices=sorted(GRAPHS))
     ap.add_argument("--rerank", metavar="NAME", help="also re-rank the top 100 (indexes built with --local default; e.g. default)")
+    ap.add_argument("--local", default="default", help="the local features of --rerank's indexes (default: %(default)s)")
+    ap.add_argument("--rerank-conf", type=json.loads, help="options of the re-ranker as JSON, e.g. '{\"sv_qe\": null}'")
     ap.add_argument("--grid", action="store_true", help="every extractor x every graph stage")
     ap.add_argument("--collections", nargs="+", default=list(COLLECTIONS), choices=list(COLLECTIONS))
     ap.add_argument("--work", type=Path, default=REPO / "indexes" / "bench" / "suite", help="where the indexes are kept")
@@ -221,15 +242,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for ext in exts:
         for g in graphs:
-            row = run_one(ext, g, a.work, a.collections, a.rerank)
+            row = run_one(ext, g, a.work, a.collections, a.rerank, a.local, a.rerank_conf)
             rows.append(row)
             print(fmt(row), flush=True)
-            key = (ext, g, a.rerank)
-            keep = [r for r in old["rows"] if (r["extractor"], r["graph"], r.get("rerank")) != key
-                    or set(r["collections"]) - set(row["collections"])]
-            old["rows"] = keep + [row]
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            a.out.write_text(json.dumps(old, indent=1) + "\n")
+            _save(a.out, row)
     if a.json:
         print(json.dumps(rows, indent=1))
     return 0

@@ -15,8 +15,8 @@ from .base import EXTRACTORS, Extractor, Options, make_extractor
 
 #: what `cbir index build` uses when no --extractor is given: ImageNet MobileNetV2's last block, average-pooled (1280-d),
 #: at two scales (1 and 0.707, averaged: DEFAULT_CONF), chosen by benchmarks/suite.py over every collection (README
-#: "Defaults"): with the default graph stage its mean mAP over the suite is 0.951, single-scale `pooled` 0.931 and `fused`
-#: (+ 0.1 HSV colour, the previous default) 0.923; colour helps corel1k only
+#: "Defaults"): with the default graph stage (alpha-QE 5 over DBA 7) its mean mAP over the suite is 0.951, single-scale
+#: `pooled` 0.928 and `fused` (+ 0.1 HSV colour, the previous default) 0.929; colour helps corel1k only
 DEFAULT_EXTRACTOR = "pooled"
 #: the options the default extractor gets where none are given (`--extractor` not given, `build_index()` without one)
 DEFAULT_CONF: Dict[str, Any] = {"scales": [1.0, 0.707]}
