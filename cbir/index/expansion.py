@@ -114,22 +114,40 @@ def _dba_sums(x: np.ndarray, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
     return u
 
 
+#: galleries larger than this search DBA by a shortlist (below: an exact scan of the augmented gallery)
+SHORTLIST_FROM = 50_000
+#: plain-search candidates re-scored against their augmented vectors per query in shortlist mode
+SHORTLIST = 1000
+
+
 class Expander:
-    """Searches a gallery ``x`` (L2-normalised rows) with alpha-QE and/or DBA; ``search`` is the index's own."""
+    """Searches a gallery ``x`` (L2-normalised rows) with alpha-QE and/or DBA; ``search`` is the index's own.
+
+    DBA is searched exactly (a flat scan of the augmented gallery, made once) up to :data:`SHORTLIST_FROM` images;
+    beyond, by a shortlist (``shortlist`` candidates of the index's own search, re-scored against their augmented
+    vectors, made on the fly from the k-NN graph: nothing is made at open, a query costs the plain search and
+    ``shortlist x (dba_k + 1)`` vector reads; results past the shortlist keep the plain order). ``shortlist``: force a
+    mode (0: exact scan; N: a shortlist of N).
+    """
 
     def __init__(self, x: np.ndarray, search: SearchFn, qe_k: int = 0, alpha: float = DEFAULT_ALPHA, dba_k: int = 0,
-                 batch: int = 1024, knn: Optional[Callable[[int], Tuple[np.ndarray, np.ndarray]]] = None) -> None:
-        self.x = np.ascontiguousarray(x, np.float32)
+                 batch: int = 1024, knn: Optional[Callable[[int], Tuple[np.ndarray, np.ndarray]]] = None,
+                 shortlist: Optional[int] = None) -> None:
+        self.x = x if isinstance(x, np.ndarray) and x.dtype == np.float32 else np.ascontiguousarray(x, np.float32)
         self.n, self.d = self.x.shape
         self.base_search = search
         self.qe_k, self.alpha, self.dba_k = int(qe_k), float(alpha), int(dba_k)
         self.dba_k = min(self.dba_k, max(0, self.n - 1))
         self._flat = None
+        self.shortlist = (SHORTLIST if self.n > SHORTLIST_FROM else 0) if shortlist is None else int(shortlist)
         if self.dba_k:
             # one neighbour more than used: the replacement when a left-out query was one of them
             sims, ids = knn(self.dba_k + 1) if knn is not None else neighbours(self.x, search, self.dba_k + 1, batch)
             sims, ids = sims[:, : self.dba_k + 1], ids[:, : self.dba_k + 1]
             self.nbr, self.w = ids, sim_weights(sims, self.alpha, ids >= 0)
+            if self.shortlist:
+                self.gallery = None
+                return
             u = _dba_sums(self.x, ids[:, : self.dba_k], self.w[:, : self.dba_k])
             self.u_norm = np.maximum(np.linalg.norm(u, axis=1), 1e-12).astype(np.float32)
             self.gallery = (u / self.u_norm[:, None]).astype(np.float32)
@@ -145,6 +163,36 @@ class Expander:
 
     def describe(self) -> Dict[str, Any]:
         return {"qe_k": self.qe_k, "alpha": self.alpha, "dba_k": self.dba_k}
+
+    # -- shortlist mode: augmented vectors made on the fly -----------------------------------------------
+    def _augmented(self, rows: np.ndarray, r: int = -1) -> np.ndarray:
+        """The DBA vectors of ``rows``, each from its first ``dba_k`` neighbours other than the left-out row ``r``."""
+        rows = np.asarray(rows, np.int64)
+        nb, w = self.nbr[rows], self.w[rows]
+        use = (nb >= 0) & (nb != r) if r >= 0 else nb >= 0
+        use &= np.cumsum(use, axis=1) <= self.dba_k
+        u = np.asarray(self.x[rows], np.float32).copy()
+        for p in range(nb.shape[1]):
+            wp = np.where(use[:, p], w[:, p], 0.0).astype(np.float32)
+            if wp.any():
+                u += wp[:, None] * np.asarray(self.x[np.maximum(nb[:, p], 0)], np.float32)
+        return _l2n(u)
+
+    def _shortlist_search(self, q: np.ndarray, k: int, exclude: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        k = int(min(k, self.n))
+        ex = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(-1)
+        s0, cand = self.base_search(q, max(k, min(self.shortlist, self.n)), exclude=exclude)
+        out_s = np.zeros((len(q), k), np.float32)
+        out_i = np.full((len(q), k), -1, np.int64)
+        for b in range(len(q)):
+            c = cand[b][cand[b] >= 0]
+            head, tail = c[: self.shortlist], c[self.shortlist :]
+            sc = self._augmented(head, int(ex[b])) @ q[b] if len(head) else np.zeros(0, np.float32)
+            order = np.argsort(-sc, kind="stable")
+            ids = np.concatenate([head[order], tail])[:k]
+            scores = np.concatenate([sc[order], np.minimum(s0[b][cand[b] >= 0][self.shortlist :], sc.min() if len(sc) else 0)])[:k]
+            out_i[b, : len(ids)], out_s[b, : len(ids)] = ids, scores
+        return out_s, out_i
 
     # -- leave-one-out corrections of the augmented gallery --------------------------------------------
     def _without(self, r: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -164,6 +212,8 @@ class Expander:
     def _gallery_search(self, q: np.ndarray, k: int, exclude: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         if not self.dba_k:
             return self.base_search(q, k, exclude=exclude)
+        if self.shortlist:
+            return self._shortlist_search(q, k, exclude)
         k = int(min(k, self.n))
         ex = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(-1)
         fixes = [self._without(int(r)) for r in ex]
@@ -184,6 +234,11 @@ class Expander:
 
     def _vectors(self, ids: np.ndarray, exclude: Optional[np.ndarray]) -> np.ndarray:
         """Augmented gallery vectors of ``ids`` ``(B, k)`` as each query sees them (zeros for -1)."""
+        if self.dba_k and self.shortlist:
+            ex = np.full(len(ids), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(-1)
+            return np.stack([self._augmented(np.maximum(row, 0), int(r)) * (row >= 0)[:, None] for row, r in zip(ids, ex)])
+        if self.gallery is self.x and not self.dba_k:
+            return np.asarray(self.x[np.maximum(ids, 0)], np.float32) * (ids >= 0)[..., None]
         v = self.gallery[np.maximum(ids, 0)] * (ids >= 0)[..., None]
         if self.dba_k and exclude is not None:
             for b, r in enumerate(np.asarray(exclude).reshape(-1)):

@@ -106,3 +106,23 @@ def test_engine_and_cli_hooks(small_set, tmp_path, capsys):
     build_index(entries, tmp_path / "ham", extractor="hash", conf={"base": "colour"}, progress=False)
     with pytest.raises(CbirError, match="cosine index"):
         evaluate(tmp_path / "ham", progress=False, expand={"qe_k": 2})
+
+
+@pytest.mark.parametrize("qe_k,dba_k", [(0, 3), (2, 3), (3, 2)])
+def test_shortlist_mode_equals_the_exact_scan_when_it_covers_the_gallery(qe_k, dba_k):
+    """Large galleries re-score a shortlist of the plain search against augmented vectors made on the fly; with the
+    shortlist as large as the gallery it is the exact scan, leave-one-out included."""
+    rng = np.random.default_rng(4)
+    x = unit(*rng.normal(size=(40, 6)))
+    exact = Expander(x, flat(x).search, qe_k=qe_k, dba_k=dba_k, shortlist=0)
+    short = Expander(x, flat(x).search, qe_k=qe_k, dba_k=dba_k, shortlist=40)
+    assert exact.gallery is not None and short.gallery is None
+    for ex in (None, np.arange(40)):
+        s1, i1 = exact.search(x, 40, exclude=ex)
+        s2, i2 = short.search(x, 40, exclude=ex)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_allclose(s1, s2, atol=1e-5)
+    # a shortlist shorter than the gallery: its head is re-scored, the rest follows in plain order (every row once)
+    s3, i3 = Expander(x, flat(x).search, qe_k=qe_k, dba_k=dba_k, shortlist=10).search(x[:3], 40)
+    assert all(sorted(r.tolist()) == list(range(40)) for r in i3)
+    assert (np.diff(s3, axis=1) <= 1e-6).all()
