@@ -17,6 +17,21 @@ def shared(name: str) -> Path:
         pytest.skip(f"{p} not present (../shared/data is only beside the repo in CI and on dev machines)")
     return p
 
+def unit_rows(x) -> np.ndarray:
+    """Rows of ``x`` as float32 unit vectors."""
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def flat_index(x):
+    """An exact cosine index (cbir's CosineIndex) over the rows of ``x``."""
+    from cbir.index.faiss_index import CosineIndex
+
+    ci = CosineIndex(x.shape[1])
+    ci.add(x)
+    return ci
+
+
 def textured(seed: int, h: int = 96, w: int = 128) -> np.ndarray:
     """A random colourful image with blobs and edges (distinct per seed)."""
     import cv2

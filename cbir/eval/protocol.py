@@ -202,6 +202,15 @@ def query_crop(path: PathLike, box: Optional[Sequence[float]], max_side: Optiona
     return resize_max_side(img, max_side) if max_side else img
 
 
+def _query_path(name: str, root: Optional[Path], row_of: Dict[str, int], paths) -> Optional[Path]:
+    """The file of query image ``name``: ``root/NAME.jpg`` (or ``root/NAME``) when a folder is given, else the gallery's
+    image of that stem; None when neither has it."""
+    if root is not None:
+        return next((p for p in (root / f"{name}.jpg", root / name) if p.is_file()), root / f"{name}.jpg")
+    r = row_of.get(name)
+    return None if r is None else Path(paths[r])
+
+
 def evaluate_gnd(index, gnd: PathLike, rerank: Optional[str] = None, rerank_top: int = 100,
                  rerank_conf: Optional[Dict[str, Any]] = None, expand: Any = "index", progress: bool = True,
                  max_rank: Optional[int] = None, images: Optional[PathLike] = None) -> Dict[str, Any]:
@@ -247,23 +256,12 @@ def evaluate_gnd(index, gnd: PathLike, rerank: Optional[str] = None, rerank_top:
     t_extract = t_search = t_rerank = 0.0
     pb = _progress(total=len(queries), desc="protocol queries", enabled=progress, unit="query")
     for q in queries:
-        if revisited:
-            if root is None:
-                r = row_of.get(q["query"])
-                if r is None:
-                    skipped.append({"gnd": q["gnd"], "query": q["query"], "cause": "no --images folder and not in the gallery"})
-                    pb.update()
-                    continue
-                qpath = Path(idx.paths[r])
-            else:
-                qpath = next((p for p in (root / f"{q['query']}.jpg", root / q["query"]) if p.is_file()), root / f"{q['query']}.jpg")
-        else:
-            r = row_of.get(q["query"])
-            if r is None:
-                skipped.append({"gnd": q["gnd"], "query": q["query"], "cause": "query image not in the gallery"})
-                pb.update()
-                continue
-            qpath = Path(idx.paths[r])
+        qpath = _query_path(q["query"], root, row_of, idx.paths)
+        if qpath is None:
+            cause = "query image not in the gallery" + (" (and no --images folder)" if revisited else "")
+            skipped.append({"gnd": q["gnd"], "query": q["query"], "cause": cause})
+            pb.update()
+            continue
         t0 = time.time()
         try:
             full = query_crop(qpath, q.get("box"), None)

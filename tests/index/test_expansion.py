@@ -5,18 +5,11 @@ import pytest
 
 from cbir.errors import CbirError
 from cbir.index.expansion import Expander, alpha_qe, dba, neighbours, parse_expand
-from cbir.index.faiss_index import CosineIndex
+from helpers import flat_index as flat, unit_rows
 
 
 def unit(*rows):
-    x = np.array(rows, np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def flat(x):
-    ci = CosineIndex(x.shape[1])
-    ci.add(x)
-    return ci
+    return unit_rows(rows)
 
 
 def test_alpha_qe_by_hand():

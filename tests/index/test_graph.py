@@ -10,18 +10,7 @@ from cbir.errors import CbirError
 from cbir.index import knn
 from cbir.index.diffusion import Diffusion, diffuse, parse
 from cbir.index.expansion import neighbours, parse_expand
-from cbir.index.faiss_index import CosineIndex
-
-
-def unit(x):
-    x = np.asarray(x, np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def flat(x):
-    ci = CosineIndex(x.shape[1])
-    ci.add(x)
-    return ci
+from helpers import flat_index as flat, unit_rows as unit
 
 
 def clusters(seed=0, groups=4, per=5, d=8, spread=0.35):
