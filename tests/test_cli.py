@@ -50,7 +50,8 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a cbir index" in err and "Traceback" not in err
     assert main(["index", "build", "--list", str(tmp_path / "no.txt"), "--out", str(tmp_path / "i"), "--quiet"]) == 2
-    assert "file list not found" in capsys.readouterr().err
+    err = capsys.readouterr().err  # a path that is neither a list nor a folder (issue 21: folders are taken too)
+    assert "no.txt: not found (expected a file list or a folder of images)" in err and err.count("\n") == 1
 
 
 def test_build_query_eval_json(small_set, tmp_path, capsys):
