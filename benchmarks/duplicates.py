@@ -242,7 +242,7 @@ def group_pairs(groups: List[List[str]]) -> Set[Tuple[str, str]]:
 def run_cbir(set_dir: Path, work: Path, extractor: str, truth: Dict, conf=None) -> List[Dict]:
     """Two rows for an index of ``extractor``: descriptors alone (``--no-verify``) and verified (the default)."""
     from cbir.build import build_index
-    from cbir.duplicates import PairVerifier, components, find_duplicates, near_pairs
+    from cbir.duplicates import MIN_INLIERS, PairVerifier, components, find_duplicates, near_pairs
     from cbir.folders import read_images
     from cbir.query import Index
 
@@ -281,21 +281,25 @@ def run_cbir(set_dir: Path, work: Path, extractor: str, truth: Dict, conf=None) 
              "sweep": [{"threshold": r["threshold"], **{f"{k}_fit": r["fit"][k] for k in ("precision", "recall", "f1")}} for r in sweep]}]
     # verified: every candidate >= lo verified once, then the candidate threshold of best F1 on the even sources
     t = time.time()
-    v = PairVerifier()
-    ok = np.array([v(paths[a], paths[b])["verified"] for a, b in zip(i.tolist(), j.tolist())], bool)
+    v = PairVerifier(min_inliers=0)  # the verdict's rule only; the inlier floor is swept below
+    res = [v(paths[a], paths[b]) for a, b in zip(i.tolist(), j.tolist())]
+    ok = np.array([r["verified"] for r in res], bool)
+    inl = np.array([r["inliers"] for r in res], np.int64)
     t_verify = time.time() - t
-    vsweep = [{"threshold": round(float(c), 3), "fit": score(pairs_of(ok & (s >= c)), truth, even)["overall"],
-               "candidates": int((s >= c).sum())} for c in np.round(np.arange(lo, 0.851, 0.05), 3)]
+    vsweep = [{"threshold": round(float(c), 3), "min_inliers": mi, "fit": score(pairs_of(ok & (s >= c) & (inl >= mi)), truth, even)["overall"],
+               "candidates": int((s >= c).sum())} for c in np.round(np.arange(lo, 0.851, 0.05), 3) for mi in (15, 25, 35, 50, 70, 100)]
     vbest = max(vsweep, key=lambda r: (round(r["fit"]["f1"], 3), r["threshold"]))
-    c = vbest["threshold"]
-    pred = pairs_of(ok & (s >= c))
+    c, mi = vbest["threshold"], vbest["min_inliers"]
+    pred = pairs_of(ok & (s >= c) & (inl >= mi))
     rows.append({"method": f"cbir {extractor} (verified, the default)", "extractor": extractor, "verify": True, "threshold": c,
+                 "min_inliers": mi, "at_default_min_inliers": {
+                     "min_inliers": MIN_INLIERS, "all": score(pairs_of(ok & (s >= c) & (inl >= MIN_INLIERS)), truth)["overall"]},
                  "seconds": {"describe": round(t_describe, 2), "find": round(t_search + t_verify, 2),
                              "total": round(t_describe + t_search + t_verify, 2)},
                  "seconds_note": f"find = kNN search + verification of all {len(i)} candidates >= {lo} (the sweep's; "
                                  f"{vbest['candidates']} are >= the chosen threshold): an upper bound of `cbir duplicates --index`",
                  "all": score(pred, truth), "held_out_odd_sources": score(pred, truth, odd)["overall"],
-                 "sweep": [{"threshold": r["threshold"], "candidates": r["candidates"],
+                 "sweep": [{"threshold": r["threshold"], "min_inliers": r["min_inliers"], "candidates": r["candidates"],
                             **{f"{k}_fit": r["fit"][k] for k in ("precision", "recall", "f1")}} for r in vsweep]})
     return rows
 

@@ -38,6 +38,9 @@ PathLike = Union[str, os.PathLike]
 #: benchmarks/results/duplicates.json has the sweeps and the held-out half.
 THRESHOLDS: Dict[str, float] = {"fused": 0.90, "pooled": 0.90}
 CANDIDATE_THRESHOLDS: Dict[str, float] = {"fused": 0.60, "pooled": 0.60}
+#: Inliers a verified pair needs (beyond the verdict's own rule): a copy keeps most of its keypoints (median 320 of 512
+#: measured), another shot of the same scene fewer (median 50-55); benchmarks/duplicates.py chose it with the threshold.
+MIN_INLIERS = 50
 KEEP_RULES = ("largest", "oldest", "first")
 #: Neighbours searched per image: a group larger than k + 1 still forms, through its members' own neighbours.
 DEFAULT_K = 5
@@ -165,11 +168,12 @@ def _mutual_nn(d0: np.ndarray, d1: np.ndarray) -> Dict[str, np.ndarray]:
 
 class PairVerifier:
     """Local features + RANSAC on a candidate pair: RootSIFT (``max_keypoints`` strongest), mutual nearest neighbours (:func:`_mutual_nn`), a
-    homography and cbir/local's verdict (enough inliers, a sound inlier ratio, a well-conditioned model); a pair that
+    homography and cbir/local's verdict (enough inliers, a sound inlier ratio, a well-conditioned model) with at least
+    ``min_inliers`` inliers; a pair that
     fails is tried once more with the second image mirrored. Each image's features are extracted once and kept (float16
     descriptors, at most ``cache`` images), so a gallery's pairs cost one extraction per image plus the matching."""
 
-    def __init__(self, max_side: int = 640, max_keypoints: int = 512, cache: int = 8192) -> None:
+    def __init__(self, max_side: int = 640, max_keypoints: int = 512, cache: int = 8192, min_inliers: int = MIN_INLIERS) -> None:
         from .local import load_plugins
         from .local.pair import _build_extractor
 
@@ -177,6 +181,7 @@ class PairVerifier:
         self.max_side = max_side
         self.extractor = _build_extractor("rootsift", None, "cpu", {"max_keypoints": max_keypoints})
         self.cache = cache
+        self.min_inliers = int(min_inliers)
         #: a copy's matches are mostly inliers: one MAGSAC++ run of at most 2000 iterations finds its model (the
         #: re-ranking default, 4 restarts x 10,000, is for hard viewpoint changes and costs 20x on unrelated pairs)
         self.ransac = {"method": "magsac", "restarts": 1, "max_iters": 2000}
@@ -219,7 +224,9 @@ class PairVerifier:
                 c = correspondences(f0, f1, _mutual_nn(f0["descriptors"], f1["descriptors"]))
                 v = fit(c["keypoints0"], c["keypoints1"], "homography", **self.ransac)
                 why = v.verdict(c["keypoints0"], image_size0=size0)
-                got = {"verified": bool(why["verified"]), "inliers": int(v.score), "mirrored": mirrored, "reason": why["reason"]}
+                ok = bool(why["verified"]) and int(v.score) >= self.min_inliers
+                got = {"verified": ok, "inliers": int(v.score), "mirrored": mirrored,
+                       "reason": why["reason"] or (None if ok else f"{int(v.score)} inliers < {self.min_inliers}")}
             if best is None or (got["verified"], got["inliers"]) > (best["verified"], best["inliers"]):
                 best = got
             if got["verified"]:
@@ -239,7 +246,7 @@ class _Gallery:
 def find_duplicates(index=None, folder: Optional[PathLike] = None, threshold: Optional[float] = None, k: int = DEFAULT_K,
                     verify: bool = True, keep: str = "largest", progress: bool = True, extractor: Optional[str] = None,
                     conf: Optional[Dict[str, Any]] = None, index_out: Optional[PathLike] = None, batch_size: int = 16, workers: int = 2,
-                    near: bool = True) -> Dict[str, Any]:
+                    near: bool = True, min_inliers: int = MIN_INLIERS) -> Dict[str, Any]:
     """Groups of duplicates among the images of ``index`` (a folder path or an opened :class:`cbir.query.Index`) or of
     ``folder`` (described first into a temporary index, or into ``index_out`` to keep it). Returns a JSON-able report:
     ``{"groups": [{"images", "keep", "kind", "pairs", ...}], "threshold", "n_images", "n_groups", "n_redundant", ...}``.
@@ -298,7 +305,7 @@ def find_duplicates(index=None, folder: Optional[PathLike] = None, threshold: Op
         n_candidates = len(cand)
         t = time.time()
         if verify and cand:
-            v = PairVerifier()
+            v = PairVerifier(min_inliers=min_inliers)
             pb = _progress(total=len(cand), desc="duplicates: verify", enabled=progress)
             for a, b, s in cand:
                 r = v(paths[a], paths[b])
@@ -333,6 +340,7 @@ def find_duplicates(index=None, folder: Optional[PathLike] = None, threshold: Op
             "source": str(folder) if folder is not None else str(idx.folder),
             "index": str(idx.folder) if (folder is None or index_out) else None,
             "extractor": idx.extractor_name, "metric": idx.metric, "threshold": thr, "k": int(k), "verify": bool(verify),
+            "min_inliers": int(min_inliers) if verify else None,
             "keep_rule": keep, "n_images": n, "n_groups": len(groups),
             "n_redundant": int(sum(len(g["images"]) - 1 for g in groups)),
             "n_exact_pairs": len(exact), "n_near_candidates": n_candidates,

@@ -31,7 +31,7 @@ def cmd_duplicates(a) -> int:
         index.set_search(nprobe=a.nprobe, ef=a.ef)
     rep = find_duplicates(index=index, folder=a.folder, threshold=a.threshold, k=a.k, verify=a.verify, keep=a.keep,
                           progress=not a.quiet, extractor=a.extractor, conf=conf, index_out=a.index_out,
-                          batch_size=a.batch_size, workers=a.workers)
+                          batch_size=a.batch_size, workers=a.workers, min_inliers=a.min_inliers)
     if a.csv:
         write_csv(rep, a.csv)
         print(f"csv written to {tty_safe(a.csv)}", file=sys.stderr)
@@ -60,7 +60,7 @@ def cmd_duplicates(a) -> int:
 
 def register(sub, add_common=None) -> None:
     """Add this module's sub-command(s) to the main parser."""
-    from ..duplicates import CANDIDATE_THRESHOLDS, DEFAULT_K, KEEP_RULES, THRESHOLDS
+    from ..duplicates import CANDIDATE_THRESHOLDS, DEFAULT_K, KEEP_RULES, MIN_INLIERS, THRESHOLDS
 
     measured = "; ".join(f"{k} {CANDIDATE_THRESHOLDS[k]:g} verified, {THRESHOLDS[k]:g} with --no-verify" for k in sorted(THRESHOLDS))
     d = sub.add_parser("duplicates", help="find exact and near-duplicate images in a folder or an index (deletes nothing)",
@@ -82,6 +82,8 @@ def register(sub, add_common=None) -> None:
                    "similar (the default: measured F1 far above descriptors alone, see README)")
     v.add_argument("--no-verify", dest="verify", action="store_false", help="decide by descriptor similarity alone (faster on "
                    "very large galleries, less precise)")
+    d.add_argument("--min-inliers", type=positive_int, default=MIN_INLIERS, help="RANSAC inliers a verified pair needs (default: "
+                   "%(default)s, measured: copies keep most keypoints, other shots of the same scene fewer)")
     d.add_argument("--keep", choices=KEEP_RULES, default="largest", help="the image each group keeps: largest (most pixels, then "
                    "bytes), oldest (mtime) or first (name order) (default: %(default)s)")
     d.add_argument("--json", nargs="?", const="-", metavar="FILE", help='write {"groups": [{"images": [...], "keep": name, ...}], '
