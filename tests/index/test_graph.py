@@ -158,6 +158,15 @@ def test_no_graph_and_hamming_indexes(small_set, tmp_path):
     assert m["graph"] is None and m["knn"] is None and not (tmp_path / "plain" / "knn.h5").exists()
     build_index(entries, tmp_path / "ham", extractor="hash", conf={"base": "colour"}, progress=False)
     assert Index(tmp_path / "ham").manifest["graph"] is None  # codes compared by Hamming distance: no graph stage
+    from types import SimpleNamespace
+
+    from cbir.build import _graph_spec
+    from cbir.index.expansion import DEFAULT_GRAPH
+
+    # class probabilities (semantic) get no stage by default: measured lower with it (README "Graph stage")
+    assert _graph_spec("default", SimpleNamespace(name="semantic", binary=False)) is None
+    assert _graph_spec("default", SimpleNamespace(name="pooled", binary=False)) == parse_expand(DEFAULT_GRAPH)
+    assert _graph_spec({"dba_k": 2}, SimpleNamespace(name="semantic", binary=False))["dba_k"] == 2  # asked for: kept
     with pytest.raises(CbirError, match="needs float descriptors"):
         build_index(entries, tmp_path / "ham2", extractor="hash", conf={"base": "colour"}, progress=False, graph={"dba_k": 2})
     assert not (tmp_path / "ham2").exists()
