@@ -679,6 +679,20 @@ def create_app(cfg: ServeConfig):
                "allow_write": cfg.allow_write, "batches": dict(service.batcher.stats)}
         return out
 
+    def duplicate_of(loaded: Loaded, vec: np.ndarray) -> Optional[Dict[str, Any]]:
+        """The gallery image an upload is a near duplicate of: its nearest neighbour when their descriptor similarity reaches
+        the threshold measured for the index's extractor (cbir/duplicates.py, descriptors alone); None otherwise."""
+        from ..duplicates import THRESHOLDS
+
+        t = THRESHOLDS.get(loaded.index.extractor_name)
+        if t is None or not len(loaded.index):
+            return None
+        scores, rows = loaded.index.search(np.asarray(vec).reshape(1, -1), 1)
+        if rows[0, 0] < 0 or float(scores[0, 0]) < t:
+            return None
+        name = str(loaded.index.names[int(rows[0, 0])])
+        return {"name": name, "score": round(float(scores[0, 0]), 6), "threshold": t, **urls(loaded, name)}
+
     @app.get("/duplicates", summary="groups of exact and near-duplicate gallery images (paged; nothing is changed)")
     def duplicates(threshold: Optional[float] = Query(None, ge=-1.0, le=1.0, description="candidate similarity (default: the "
                                                      "one measured for the index's extractor)"),
@@ -729,6 +743,9 @@ def create_app(cfg: ServeConfig):
                "results": results, "batch": job.batch, "seconds": finish(seconds, t0)}
         if rr:
             out["rerank"] = rr
+        dup = duplicate_of(loaded, vec)
+        if dup:
+            out["duplicate_of"] = dup
         return out
 
     @app.get("/search/similar/{name:path}", summary="more like this: rank the gallery for one of its own images")

@@ -22,3 +22,17 @@ def test_duplicates_refuses_bad_options(client):
     assert client.get("/duplicates", params={"keep": "newest"}).status_code == 422
     r = client.get("/duplicates")  # colour has no measured threshold: a clear 400, not a crash
     assert r.status_code == 400 and "--threshold" in r.json()["error"]
+
+
+def test_a_search_answer_names_the_image_its_upload_duplicates(client, monkeypatch):
+    import cbir.duplicates
+    from serve.support import query_bytes
+
+    files = {"image": ("q.jpg", query_bytes(1, "crop"), "image/jpeg")}
+    plain = client.post("/search", files=files, params={"top_k": 3}).json()
+    assert "duplicate_of" not in plain  # colour has no measured threshold
+    monkeypatch.setitem(cbir.duplicates.THRESHOLDS, "colour", 0.5)
+    d = client.post("/search", files=files, params={"top_k": 3}).json()
+    assert d["duplicate_of"]["name"] == d["results"][0]["name"] and d["duplicate_of"]["score"] >= 0.5
+    monkeypatch.setitem(cbir.duplicates.THRESHOLDS, "colour", 1.01)
+    assert "duplicate_of" not in client.post("/search", files=files, params={"top_k": 3}).json()
