@@ -82,3 +82,44 @@ def test_docs_render_offline(live_server, browser):
         page.close()
     assert any(p.replace("\u200b", "") == "/search" for p in paths), paths
     assert not outside, outside
+
+
+def test_duplicates_view_of_the_page(live_server, browser, monkeypatch, tmp_path):
+    """The page's duplicates view draws one row per group of GET /duplicates, the image to keep first; an index without
+    a measured threshold shows the service's message instead."""
+    import json
+    import urllib.request
+
+    import cbir.duplicates
+
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(live_server.url + "/", timeout=30_000)
+        page.wait_for_function("() => document.getElementById('summary').textContent.includes('12 images')", timeout=30_000)
+        page.click("#dups-button")  # colour has no measured threshold: the 400's message is shown
+        page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+        assert "--threshold" in page.locator("#error").inner_text()
+
+        monkeypatch.setitem(cbir.duplicates.CANDIDATE_THRESHOLDS, "colour", 0.9)  # the page asks for verified groups
+        with urllib.request.urlopen(live_server.url + "/duplicates?limit=20", timeout=120) as r:
+            want = json.load(r)
+        assert want["n_groups"] >= 1
+        page.click("#dups-button")
+        page.wait_for_function("() => document.querySelectorAll('#dups-groups .dup-group').length > 0", timeout=120_000)
+        rows = page.locator("#dups-groups .dup-group")
+        assert rows.count() == len(want["groups"])
+        for i, g in enumerate(want["groups"]):
+            first = rows.nth(i).locator("figure").first
+            assert "keep" in (first.get_attribute("class") or "") and first.locator("img").get_attribute("alt") == g["keep"]
+            assert rows.nth(i).locator("figure").count() == len(g["images"])
+        assert f"{want['n_groups']} groups" in page.locator("#dups-status").inner_text()
+        page.wait_for_function("() => [...document.querySelectorAll('#dups-groups img')].every(i => i.complete && i.naturalWidth > 0)",
+                               timeout=30_000)
+        page.screenshot(path=str(tmp_path / "duplicates.png"), full_page=True)
+        if os.environ.get("CBIR_PAGE_SCREENSHOT_DUPS"):
+            shutil.copyfile(tmp_path / "duplicates.png", os.environ["CBIR_PAGE_SCREENSHOT_DUPS"])
+        assert not errors, errors
+    finally:
+        page.close()

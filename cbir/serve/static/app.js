@@ -40,7 +40,7 @@ function params() {
   p.set("top_k", String(Math.max(1, Math.min(100, parseInt($("topk").value, 10) || 12))));
   if ($("label").value) p.set("label", $("label").value);
   if ($("rerank").checked) p.set("rerank", "true");
-  if ($("expand").checked) p.set("expand", "true");
+  if (!$("graph").checked) p.set("expand", "false");
   if (state.info && Object.keys(state.info.indexes).length > 1) p.set("index", state.index);
   return p.toString();
 }
@@ -201,6 +201,41 @@ async function explain(r) {
   }
 }
 
+// the gallery's groups of duplicates (GET /duplicates, paged): one row of thumbnails a group, the one to keep first
+async function showDuplicates(offset) {
+  setError("");
+  $("dups").hidden = false;
+  $("dups-status").textContent = offset ? "loading more groups…" : "finding duplicates (verified by local features)…";
+  if (!offset) $("dups-groups").replaceChildren();
+  try {
+    const res = await api(`/duplicates?offset=${offset}&limit=20${indexParam("&")}`);
+    for (const g of res.groups) {
+      const row = document.createElement("div");
+      row.className = "dup-group";
+      const files = g.files.slice().sort((a, b) => (b.name === g.keep) - (a.name === g.keep));
+      for (const f of files) {
+        const fig = document.createElement("figure");
+        fig.className = f.name === g.keep ? "dup keep" : "dup";
+        const img = document.createElement("img");
+        img.src = f.thumb; img.alt = f.name; img.loading = "lazy"; img.title = f.name;
+        const cap = document.createElement("figcaption");
+        cap.textContent = (f.name === g.keep ? "keep: " : "") + f.name;
+        fig.append(img, cap);
+        row.appendChild(fig);
+      }
+      $("dups-groups").appendChild(row);
+    }
+    const shown = offset + res.groups.length;
+    state.dupsNext = shown;
+    $("dups-more").hidden = shown >= res.n_groups;
+    $("dups-status").textContent = `${res.n_groups} groups, ${res.n_redundant} redundant images of ${res.n_images} ` +
+      `(threshold ${res.threshold}${res.verify ? ", verified" : ""}; nothing is changed) — ${shown} shown`;
+  } catch (e) {
+    $("dups-status").textContent = "";
+    setError(e.message);
+  }
+}
+
 function init() {
   const drop = $("drop");
   $("file").addEventListener("change", (ev) => pickFile(ev.target.files[0]));
@@ -208,7 +243,9 @@ function init() {
   for (const t of ["dragleave", "drop"]) drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.remove("over"); });
   drop.addEventListener("drop", (ev) => pickFile(ev.dataTransfer.files[0]));
   $("index").addEventListener("change", (ev) => { state.index = ev.target.value; showIndex(); search(); });
-  for (const id of ["label", "rerank", "expand"]) $(id).addEventListener("change", search);
+  for (const id of ["label", "rerank", "graph"]) $(id).addEventListener("change", search);
+  $("dups-button").addEventListener("click", () => showDuplicates(0));
+  $("dups-more").addEventListener("click", () => showDuplicates(state.dupsNext || 0));
   $("topk").addEventListener("change", search);
   $("options").addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
   $("auth-form").addEventListener("submit", (ev) => {
