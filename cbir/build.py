@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import __version__
-from .data import Entry, batches as _batches, dedupe, file_stat as _stat, iter_decoded
+from .data import Entry, dedupe, file_stat as _stat, iter_decoded, shape_batches
 from .errors import CbirError, DecodeError
 from .extractors.base import Extractor, make_extractor
 from .index import store
@@ -398,9 +398,10 @@ def _check_space(b: _Build, todo: Sequence[Entry]) -> None:
 
 
 def _local_batches(b: _Build, todo: Sequence[Entry], decode_side: Optional[int], batch_size: int, pb):
-    """Decoded and described here: ``("rows", entries, images, raw)`` per batch, ``("error", entry, cause, text)`` per bad image."""
+    """Decoded and described here: ``("rows", entries, images, raw)`` per batch, ``("error", entry, cause, text)`` per bad image.
+    Batches of one image shape (:func:`cbir.data.shape_batches`): what keeps the build's peak memory flat in N."""
     ext = b.ext
-    for kind, item in _batches(iter_decoded(todo, decode_side, workers=b.workers), batch_size):
+    for kind, item in shape_batches(iter_decoded(todo, decode_side, workers=b.workers), batch_size):
         if kind == "error":
             _, e, err = item
             yield "error", e, err.cause, str(err)

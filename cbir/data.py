@@ -638,6 +638,34 @@ def file_stat(path: PathLike) -> Tuple[int, float]:
         return -1, -1.0
 
 
+def shape_batches(it, batch_size: int, max_waiting: Optional[int] = None):
+    """Like :func:`batches`, but each batch holds images of one shape: a network then sees the same tensor sizes
+    batch after batch and the allocator reuses the same blocks. Mixed sizes in every batch (Corel's 384x256 next to
+    256x384, two scales each) made glibc's heap fragment, and the peak RSS of a build grew with the number of images
+    (1.10 GB for 500 Corel images, 1.60 GB for 2000). At most ``max_waiting`` images (default 4 batches) wait for
+    their batch to fill; past that the fullest group goes as it is, so memory stays bounded by the batch whatever
+    the mix of sizes. Batches come out of order (each row keeps its entry); failures pass through one by one."""
+    cap = max(batch_size, int(max_waiting or 4 * batch_size))
+    groups: Dict[Tuple[int, ...], List[Tuple[int, Entry, np.ndarray]]] = {}
+    waiting = 0
+    for i, e, img in it:
+        if isinstance(img, DecodeError):
+            yield "error", (i, e, img)
+            continue
+        g = groups.setdefault(img.shape, [])
+        g.append((i, e, img))
+        waiting += 1
+        if len(g) >= batch_size:
+            waiting -= len(g)
+            yield "batch", groups.pop(img.shape)
+        elif waiting > cap:
+            key = max(groups, key=lambda k: len(groups[k]))
+            waiting -= len(groups[key])
+            yield "batch", groups.pop(key)
+    for g in sorted(groups.values(), key=lambda g: g[0][0]):
+        yield "batch", g
+
+
 def batches(it, batch_size: int):
     """Group decoded images into batches; failures pass through one by one."""
     batch: List[Tuple[int, Entry, np.ndarray]] = []

@@ -428,3 +428,33 @@ def test_decode_budget_runs_big_buffers_one_at_a_time():
     assert not any(t.is_alive() for t in threads)
     # never two big ones together; the one over the limit alone is let through alone
     assert max(u for u in peak if u != 150) <= 100 and budget.used == 0
+
+
+
+def test_shape_batches_one_shape_per_batch_bounded_wait_every_image_once():
+    shapes = [(4, 6, 3), (6, 4, 3), (5, 5, 3)]
+    items = [(i, Entry(name=f"n{i}", path=Path(f"n{i}")),
+              DecodeError(f"n{i}", "corrupt image data") if i % 13 == 5 else np.zeros(shapes[(i * 7) % 3], np.uint8))
+             for i in range(40)]
+    consumed = [0]
+
+    def source():
+        for it in items:
+            consumed[0] += not isinstance(it[2], DecodeError)
+            yield it
+
+    seen, batches = [], []
+    for kind, item in data.shape_batches(source(), 4, max_waiting=5):
+        if kind == "error":
+            assert isinstance(item[2], DecodeError)
+            seen.append(item[0])
+            continue
+        assert 1 <= len(item) <= 4 and len({img.shape for _, _, img in item}) == 1
+        batches.append(item)
+        seen += [i for i, _, _ in item]
+        waiting = consumed[0] - sum(len(b) for b in batches)
+        assert waiting <= 5  # never more than max_waiting images held back
+    assert sorted(seen) == list(range(40))
+    # with the default wait (4 batches) three interleaved shapes all fill up: one partial batch per shape at most, last
+    full = [item for kind, item in data.shape_batches(iter(items), 4) if kind == "batch"]
+    assert sum(len(b) < 4 for b in full) <= 3 and all(len(b) == 4 for b in full[:-3])
