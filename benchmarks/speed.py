@@ -1,5 +1,7 @@
 """Speed, side by side and as ratios in one run (JSON in benchmarks/results/speed.json).
 
+0. The default pipeline: images/s of ``index build`` (no ``--extractor``) next to the raw network forward at both
+   scales on the same decoded batches and next to decoding alone; the ratio is cbir's overhead over the network.
 1. Extraction: images/s of cbir's extractor on real images (decoding included, as `index build` runs it)
    next to the raw network forward alone on pre-decoded tensors; the ratio is cbir's overhead.
 2. Search: ms per query of cbir's cosine and Hamming indexes at 100k and 1M synthetic vectors next
@@ -7,7 +9,8 @@
 3. Threads: torch at 1 and 2 threads with OMP_WAIT_POLICY PASSIVE (cbir's default) vs ACTIVE, with and
    without a second process loading the CPU (subprocesses, so the policy is read at start-up).
 
-    python benchmarks/speed.py [--images 60] [--sizes 100000 1000000] [--skip-threads] [--skip-extraction]
+    python benchmarks/speed.py [--images 60] [--default-images 300] [--sizes 100000 1000000] [--skip-threads]
+                               [--skip-extraction] [--json PATH]
 """
 
 from __future__ import annotations
@@ -83,6 +86,66 @@ def bench_extraction(n_images: int) -> dict:
         out["rows"][label] = row
         print(f"extract {label:20s} {row}", flush=True)
     return out
+
+
+def bench_default(n_images: int, repeats: int = 3) -> dict:
+    """The default pipeline's build (``index build`` without ``--extractor``: decode in threads, both scales, row
+    segments, features.h5, faiss, k-NN graph) against the raw network forward alone over the same decoded batches at
+    both scales (the input tensors made beforehand, outside the clock), and against decoding alone. Each is timed
+    ``repeats`` times, in turn (decode, raw, cbir, decode, raw, cbir...) so drift of a shared machine hits all three,
+    and the best of each is kept; the network is loaded once, before any clock starts."""
+    import shutil
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+
+    from cbir.build import build_index, resolve_extractor, shrink
+    from cbir.data import iter_decoded, shape_batches
+    from cbir.extractors.runtime import images_to_batches, torch_inference
+
+    ds, entries = _images(n_images)
+    ext = resolve_extractor(None)  # DEFAULT_EXTRACTOR with DEFAULT_CONF, as the CLI makes it
+    net, scales = ext.net, list(ext.conf["scales"])
+    decoded = list(iter_decoded(entries, ext.max_side, workers=2))
+    imgs = [shrink(img, ext.max_side) for _, _, img in decoded]
+    tensors = []  # the build's batches (shape_batches of 16, as _local_batches makes them), each at every scale
+    with torch_inference():
+        for _, item in shape_batches(iter(decoded), 16):
+            for _, batch in images_to_batches([shrink(img, ext.max_side) for _, _, img in item]):
+                tensors += [batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False,
+                                                                  antialias=s < 1) for s in scales]
+    ext.extract(imgs[:2])  # warm-up: weights loaded, first-call allocations made
+
+    def decode():
+        for _ in iter_decoded(entries, ext.max_side, workers=2):
+            pass
+
+    def raw():
+        with torch.inference_mode():
+            for t in tensors:
+                net(t)
+
+    tmp = tempfile.mkdtemp(prefix="cbir-speed-")
+
+    runs = []
+
+    def cbir():  # a new folder each time: nothing reused from the last run
+        runs.append(Path(tmp) / f"index{len(runs)}")
+        build_index(entries, runs[-1], extractor=ext, progress=False, log=lambda m: None)
+        shutil.rmtree(runs[-1], ignore_errors=True)
+
+    try:
+        t_dec, t_raw, t_cbir = _best_of(repeats, decode, raw, cbir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = len(entries)
+    row = {"scales": scales, "max_side": ext.max_side, "backbone": ext.conf["backbone"],
+           "cbir_images_per_s": round(n / t_cbir, 2), "raw_forward_images_per_s": round(n / t_raw, 2),
+           "decode_images_per_s": round(n / t_dec, 2), "cbir_over_raw_time_ratio": round(t_cbir / t_raw, 3),
+           "decode_over_raw_time_ratio": round(t_dec / t_raw, 3), "timing": f"best of {repeats}, alternating"}
+    print(f"extract default {row}", flush=True)
+    return {"dataset": ds, "images": n, "rows": {"default (pooled mobilenet_v2, scales 1 0.707)": row}}
 
 
 def _best_of(repeats: int, *fns):
@@ -172,6 +235,8 @@ def bench_threads() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=60)
+    ap.add_argument("--default-images", type=int, default=300, help="images of the default pipeline's build row")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here (default: benchmarks/results/speed.json)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-threads", action="store_true")
@@ -181,15 +246,16 @@ def main() -> int:
 
     set_threads(a.threads)
     res = {"machine": {"cpus": os.cpu_count(), "torch_threads": a.threads}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path = HERE / "results" / "speed.json"
+    path = a.json or HERE / "results" / "speed.json"
     if path.exists():  # a partial run keeps the other sections of the last one
         res = {**json.loads(path.read_text()), **res}
     if not a.skip_extraction:
+        res["default_build"] = bench_default(a.default_images)
         res["extraction"] = bench_extraction(a.images)
     res["search"] = bench_search(a.sizes)
     if not a.skip_threads:
         res["threads"] = bench_threads()
-    (HERE / "results").mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
     print(f"wrote {path}")
     return 0
