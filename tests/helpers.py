@@ -32,6 +32,14 @@ def flat_index(x):
     return ci
 
 
+def write_textured(path, seed: int) -> None:
+    """Save :func:`textured` ``seed`` as an image file at ``path`` (its folders made)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(textured(seed)).save(path)
+
+
 def textured(seed: int, h: int = 96, w: int = 128) -> np.ndarray:
     """A random colourful image with blobs and edges (distinct per seed)."""
     import cv2

@@ -5,17 +5,14 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import textured
+from helpers import write_textured
 
 from cbir.errors import CbirError
 from cbir.folders import IMAGE_EXTENSIONS, expand_images, read_images, scan_folder
 
 
-def _img(path, seed):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(textured(seed)).save(path)
+_img = write_textured
 
 
 @pytest.fixture

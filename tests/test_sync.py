@@ -6,17 +6,14 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import textured
+from helpers import write_textured
 
 from cbir.errors import CbirError
 from cbir.sync import read_content, sync_index
 
 
-def _img(path, seed):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(textured(seed)).save(path)
+_img = write_textured
 
 
 @pytest.fixture
