@@ -19,6 +19,20 @@ from helpers import textured
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def pytest_addoption(parser):
+    parser.addoption("--run-long", action="store_true", default=False,
+                     help="also run the tests marked `long` (reliability cases of minutes; benchmarks/reliability.py passes it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-long"):
+        return
+    skip = pytest.mark.skip(reason="a long reliability case: run with --run-long, or benchmarks/reliability.py")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
 #: torch threads of the suite: the busy 2-core machines it is measured on (DESIGN.md, "Threads");
 #: CBIR_TEST_THREADS=1 (or 4) checks that no result depends on it
 TEST_THREADS = int(os.environ.get("CBIR_TEST_THREADS") or 2)
