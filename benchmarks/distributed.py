@@ -58,7 +58,7 @@ def bench_extraction(entries, repeat: int, batch: int) -> Dict:
     from cbir.distributed import RaySession, local_rows, ray_rows
     from cbir.extractors import DEFAULT_EXTRACTOR
     from cbir.extractors.base import make_extractor
-    from cbir.extractors.runtime import set_threads
+    from cbir.runtime import set_threads
 
     todo = [Entry(f"{r}/{e.name}", e.path, e.label) for r in range(repeat) for e in entries]
     n = len(todo)

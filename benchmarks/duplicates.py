@@ -386,7 +386,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / "duplicates.json"))
     a = ap.parse_args()
-    from cbir.extractors.runtime import set_threads
+    from cbir.runtime import set_threads
 
     set_threads(a.threads)
     out_path = Path(a.out)

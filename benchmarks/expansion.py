@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from cbir.data import load_dataset  # noqa: E402
 from cbir.engine import Index, build_index, evaluate  # noqa: E402
-from cbir.extractors.runtime import set_threads  # noqa: E402
+from cbir.runtime import set_threads  # noqa: E402
 
 #: name -> expand (None: plain search)
 SETTINGS = {"none": None}

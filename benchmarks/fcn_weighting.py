@@ -47,7 +47,7 @@ def main() -> None:
 
     import cbir
     from cbir.engine import build_index, evaluate, train_head
-    from cbir.extractors.runtime import set_threads
+    from cbir.runtime import set_threads
 
     set_threads(a.threads)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def cell_agreement(head: Path, test) -> dict:
 
     from cbir.data import iter_decoded
     from cbir.extractors.classmap import ClassMapper
-    from cbir.extractors.runtime import images_to_batches
+    from cbir.extractors.batching import images_to_batches
 
     mapper = ClassMapper(str(head))
     part = next(e for e, _ in mapper.parts if e.name == "pooled")

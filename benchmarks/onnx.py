@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "onnx.json"))
     a = ap.parse_args()
 
-    from cbir.extractors.runtime import set_threads
+    from cbir.runtime import set_threads
 
     set_threads(a.threads)
     import onnxruntime

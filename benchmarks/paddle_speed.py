@@ -59,7 +59,7 @@ def _model(tmp: Path, imgs):
     import paddle
     from paddle.vision.models import mobilenet_v2
 
-    from cbir.extractors.runtime import resize_to
+    from cbir.extractors.batching import resize_to
 
     paddle.seed(0)
     rng = np.random.default_rng(0)
@@ -97,7 +97,8 @@ def main() -> None:
     import torch
 
     from cbir.extractors import make_extractor
-    from cbir.extractors.runtime import images_to_batches, resize_to, set_threads
+    from cbir.extractors.batching import images_to_batches, resize_to
+    from cbir.runtime import set_threads
     from cbir.models.backbones import build_backbone
     from cbir.models.mobilenetv2 import MobileNetV2
     from cbir.models.paddle import paddle_to_torch_state, torch_parity

@@ -27,7 +27,7 @@ from cbir.data import load_dataset  # noqa: E402
 from cbir.engine import build_index, evaluate, train_head  # noqa: E402
 from cbir.errors import CbirError  # noqa: E402
 from cbir.extractors import configure  # noqa: E402
-from cbir.extractors.runtime import set_threads  # noqa: E402
+from cbir.runtime import set_threads  # noqa: E402
 
 #: the default fused parts before issue 11 (GeM of XFeat's CNN + colour + VLADs), kept for comparison
 PREV_PARTS = [

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from cbir.data import load_dataset  # noqa: E402
 from cbir.engine import build_index, evaluate  # noqa: E402
 from cbir.errors import CbirError  # noqa: E402
-from cbir.extractors.runtime import set_threads  # noqa: E402
+from cbir.runtime import set_threads  # noqa: E402
 
 from cbir.local.confs import LOCAL_CONFS  # noqa: E402
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from cbir.data import load_dataset  # noqa: E402
 from cbir.engine import build_index, evaluate, train_head  # noqa: E402
 from cbir.extractors import HEAD_BASE_PARTS, configure  # noqa: E402
-from cbir.extractors.runtime import set_threads  # noqa: E402
+from cbir.runtime import set_threads  # noqa: E402
 
 #: the seed's own figures (its "mAP@1/5/10", on its Zodiac set: 7840 trainval gallery, 660 test queries)
 SEED_REPORTED = {"seed_mAP@1": 0.8939, "seed_mAP@5": 0.9009, "seed_mAP@10": 0.8970}
@@ -111,7 +111,7 @@ def raw_gap_hash() -> dict:
     from cbir.data import decode_image
     from cbir.eval.metrics import precision_at_k, seed_scores
     from cbir.extractors.hashing import mean_hash
-    from cbir.extractors.runtime import images_to_batches, resize_to
+    from cbir.extractors.batching import images_to_batches, resize_to
     from cbir.models.backbones import build_backbone
 
     bb = build_backbone("mobilenet_v2")

@@ -171,7 +171,7 @@ def extractor_time(index: str, files, threads: int, reps: int = 6) -> dict:
     """Seconds per image of the index's own extractor on decoded images: one at a time, and the set in one call."""
     from cbir.data import decode_image
     from cbir.engine import load_index
-    from cbir.extractors.runtime import set_threads
+    from cbir.runtime import set_threads
 
     set_threads(threads)
     idx = load_index(index)

@@ -47,7 +47,7 @@ def bench_extraction(n_images: int) -> dict:
 
     from cbir.data import iter_decoded
     from cbir.extractors import configure, make_extractor
-    from cbir.extractors.runtime import images_to_batches
+    from cbir.extractors.batching import images_to_batches
 
     ds, entries = _images(n_images)
     out = {"dataset": ds, "images": len(entries), "rows": {}}
@@ -102,7 +102,7 @@ def bench_default(n_images: int, repeats: int = 3) -> dict:
 
     from cbir.build import build_index, resolve_extractor, shrink
     from cbir.data import iter_decoded, shape_batches
-    from cbir.extractors.runtime import images_to_batches, torch_inference
+    from cbir.extractors.batching import images_to_batches, torch_inference
 
     ds, entries = _images(n_images)
     ext = resolve_extractor(None)  # DEFAULT_EXTRACTOR with DEFAULT_CONF, as the CLI makes it
@@ -242,7 +242,7 @@ def main() -> int:
     ap.add_argument("--skip-threads", action="store_true")
     ap.add_argument("--skip-extraction", action="store_true")
     a = ap.parse_args()
-    from cbir.extractors.runtime import set_threads
+    from cbir.runtime import set_threads
 
     set_threads(a.threads)
     res = {"machine": {"cpus": os.cpu_count(), "torch_threads": a.threads}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -43,7 +43,7 @@ from cbir.data import load_dataset, read_file_list  # noqa: E402
 from cbir.engine import Index, build_index, evaluate  # noqa: E402
 from cbir.eval.protocol import evaluate_gnd  # noqa: E402
 from cbir.extractors import configure  # noqa: E402
-from cbir.extractors.runtime import set_threads  # noqa: E402
+from cbir.runtime import set_threads  # noqa: E402
 from cbir.index.expansion import DEFAULT_GRAPH  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"

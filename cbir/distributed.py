@@ -220,7 +220,7 @@ class _Worker:
         self.ext = None
         try:
             from .extractors.base import make_extractor
-            from .extractors.runtime import set_threads
+            from .runtime import set_threads
 
             set_threads(int(threads))
             ext = make_extractor(name, conf)

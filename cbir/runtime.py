@@ -1,8 +1,11 @@
-"""The ``runtime`` switch (``torch`` | ``onnx``): the bottom floor every network asks which runtime to use.
+"""The ``runtime`` switch (``torch`` | ``onnx``): the bottom floor every network asks which runtime to use, and
+the CPU threads both runtimes (and OpenCV, faiss) get.
 
 Which runtime a network uses: its conf key ``runtime`` when set, else the process default, which is
 ``$CBIR_RUNTIME`` or ``torch`` until :func:`set_default_runtime` (the CLI's ``--runtime``) changes it. The runtime
-is never part of an extractor's identity: an index built with one runtime is queried with the other.
+is never part of an extractor's identity: an index built with one runtime is queried with the other. In-process
+callers that switch it for a while (the CLI's ``main``, tests, notebooks) use ``with using(name):``, which puts back
+what was there before.
 
 The onnxruntime implementations (export on first use, cached sessions, the code that runs around each graph) live
 in :mod:`cbir.export.runtime`, a floor above the extractors and matchers. They register themselves here by name
@@ -12,11 +15,12 @@ imports the export floor, so no module below ``cbir.export`` depends on it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -50,6 +54,19 @@ def set_default_runtime(name: Optional[str]) -> None:
         require_onnxruntime()
 
 
+@contextlib.contextmanager
+def using(name: Optional[str]) -> Iterator[str]:
+    """``with using("onnx"):`` the process default is ``name`` inside the block (``None``: ``$CBIR_RUNTIME`` /
+    ``torch``) and what it was before afterwards, also when the block raises or ``name`` is refused."""
+    global _DEFAULT
+    before = _DEFAULT
+    try:
+        set_default_runtime(name)
+        yield default_runtime()
+    finally:
+        _DEFAULT = before
+
+
 def resolve_runtime(value: Optional[str] = None) -> str:
     """The runtime a component uses: its own ``value`` when set, else the process default."""
     return _check(value) if value else default_runtime()
@@ -63,7 +80,8 @@ def require_onnxruntime():
     return onnxruntime
 
 
-def _threads() -> int:
+def torch_threads() -> int:
+    """The threads torch computes with now (what :func:`set_threads` set); onnxruntime sessions get as many."""
     try:
         import torch
 
@@ -72,13 +90,33 @@ def _threads() -> int:
         return max(1, min(4, os.cpu_count() or 1))
 
 
+def set_threads(n: int) -> None:
+    """Threads for torch, OpenCV and faiss. Call before heavy work; OMP_WAIT_POLICY must be set before import."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(max(1, n))
+    try:
+        import cv2
+
+        cv2.setNumThreads(max(1, n))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, n))
+    except ImportError:  # pragma: no cover
+        pass
+
+
 class Session:
     """An onnxruntime CPU session: ``run({input: array}) -> [arrays]`` in the graph's output order."""
 
     def __init__(self, path, threads: int = 0, spinning: bool = False) -> None:
         ort = require_onnxruntime()
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads) or _threads()
+        so.intra_op_num_threads = int(threads) or torch_threads()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3

@@ -39,3 +39,21 @@ def test_a_registry_imports_its_plugin_modules_on_first_lookup(tmp_path, monkeyp
     with pytest.raises(CbirError, match="unknown thing 'big'; choose one of: tiny"):
         holder.REG.get("big")
     assert Registry("empty").names() == []
+
+
+def test_using_switches_the_process_default_for_a_block_and_puts_it_back(monkeypatch):
+    monkeypatch.setenv("CBIR_RUNTIME", "onnx")
+    runtime.set_default_runtime("torch")
+    with runtime.using(None) as inside:
+        assert inside == runtime.default_runtime() == "onnx"  # None: back to $CBIR_RUNTIME inside the block
+    assert runtime.default_runtime() == "torch"
+    with pytest.raises(ValueError, match="from the block"):
+        with runtime.using(None):
+            raise ValueError("from the block")
+    assert runtime.default_runtime() == "torch"
+    with pytest.raises(CbirError, match="unknown runtime 'tf'"):
+        with runtime.using("tf"):
+            pass  # pragma: no cover - refused before the block
+    assert runtime.default_runtime() == "torch"
+    runtime.set_default_runtime(None)
+    assert runtime.default_runtime() == "onnx"

@@ -46,18 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    from ..extractors.runtime import set_threads
+    from .. import data
+    from ..runtime import set_threads, using
 
     set_threads(a.threads)
-    from .. import runtime as rt
-
-    before = rt._DEFAULT
-    from .. import data
-
     limits = data.set_limits(max_pixels=getattr(a, "max_pixels", None) or data.DEFAULT_MAX_PIXELS)  # --max-pixels
     try:
-        rt.set_default_runtime(getattr(a, "runtime", None))  # --runtime onnx: every network in onnxruntime (None: $CBIR_RUNTIME / torch)
-        return a.func(a)
+        # --runtime onnx: every network in onnxruntime (None: $CBIR_RUNTIME / torch); main() called in-process (tests,
+        # notebooks) leaves the process default as it was
+        with using(getattr(a, "runtime", None)):
+            return a.func(a)
     except CbirError as e:
         print(f"error: {tty_safe(e)}", file=sys.stderr)
         return 2
@@ -71,7 +69,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         return 1
     finally:
-        rt._DEFAULT = before  # main() called in-process (tests, notebooks) leaves the process default as it was
         data.set_limits(**limits)
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ..errors import CbirError
-from ..runtime import (RUNTIMES, Session, _threads, default_runtime, register_runner,  # noqa: F401 - re-exported
+from ..runtime import (RUNTIMES, Session, default_runtime, register_runner, torch_threads,  # noqa: F401 - re-exported
                        require_onnxruntime, resolve_runtime, set_default_runtime)
 
 _SESSIONS: Dict[Any, "Session"] = {}
@@ -86,7 +86,7 @@ def cached_session(identity: Dict[str, Any], make_spec: Callable[[], Any]) -> Se
     """The session of model ``identity`` (exported on first use, see :func:`cached_model`), one per process and thread count."""
     require_onnxruntime()
     path = cached_model(identity, make_spec)
-    key = (str(path), _threads())
+    key = (str(path), torch_threads())
     with _LOCK:
         s = _SESSIONS.get(key)
         if s is None:
@@ -103,7 +103,7 @@ def pooled_extract(ext, images: List[np.ndarray]) -> np.ndarray:
     import torch.nn.functional as F
 
     from ..extractors.base import l2n
-    from ..extractors.runtime import images_to_batches, resize_to
+    from ..extractors.batching import images_to_batches, resize_to
     from .onnx import pooled_identity, pooled_spec
 
     if ext.conf.get("weighting"):

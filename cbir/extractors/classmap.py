@@ -415,7 +415,7 @@ class ClassMapper:
         import torch
 
         from ..data import resize_max_side
-        from .runtime import images_to_batches
+        from .batching import images_to_batches
 
         wins = [self.window if w == "default" else _check_window(w) for w in windows]
         if not images:

@@ -8,7 +8,7 @@ import numpy as np
 
 from .base import EXTRACTORS, Extractor, l2n
 from .whitening import make_whitening, normalise_whiten
-from .runtime import images_to_batches, resize_to, torch_inference
+from .batching import images_to_batches, resize_to, torch_inference
 
 
 def gem(x, p: float = 3.0, eps: float = 1e-6, weights=None):

@@ -226,7 +226,7 @@ class SemanticExtractor(Extractor):
     def logits(self, images: List[np.ndarray]) -> np.ndarray:
         if self.head is not None:
             return head_logits(self.head, self.base.describe(images))
-        from .runtime import images_to_batches, resize_to, torch_inference
+        from .batching import images_to_batches, resize_to, torch_inference
 
         net = self.net
         images = resize_to(images, self.conf["input_size"] or getattr(net, "input_size", None))

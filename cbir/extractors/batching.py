@@ -1,9 +1,10 @@
-"""Shared plumbing for network extractors: batching images of equal size, inference mode, threads."""
+"""Batching for network extractors: images of one size run together, resized to a network's input, in inference mode.
+
+The threads they run with are :func:`cbir.runtime.set_threads`'s."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,23 +53,3 @@ def torch_inference():
 
     with torch.inference_mode():
         yield
-
-
-def set_threads(n: int) -> None:
-    """Threads for torch, OpenCV and faiss. Call before heavy work; OMP_WAIT_POLICY must be set before import."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    torch.set_num_threads(max(1, n))
-    try:
-        import cv2
-
-        cv2.setNumThreads(max(1, n))
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(max(1, n))
-    except ImportError:  # pragma: no cover
-        pass
