@@ -251,12 +251,12 @@ def test_eval_with_no_label_in_the_gallery_exits_2(small_set, tmp_path, capsys):
 
 
 def test_print_eval_writes_undefined_metrics_as_a_dash(capsys):
-    from cbir.cli import _print_eval
+    from cbir.cli.evaluate import print_eval
 
     rep = {"dataset": "d", "split": None, "n_queries": 0, "gallery_size": 3, "extractor": "colour", "metric": "cosine",
            "leave_one_out": False, "metrics": {"precision@1": None, "map": 0.5}, "seed_definition": {"seed_mAP@1": None},
            "seconds": {"extract_queries": 0, "search": 0, "search_ms_per_query": 0}}
-    _print_eval(rep, [1])
+    print_eval(rep, [1])
     out = capsys.readouterr().out
     assert "precision@1" in out and "nan" not in out.lower() and "0.5000" in out
 

@@ -19,8 +19,7 @@ from .. import __version__  # noqa: E402
 from ..cliutil import tty_safe  # noqa: E402,F401 - re-exported: the helper for every text-mode print
 from ..errors import CbirError  # noqa: E402
 
-from .common import _add_common  # noqa: E402
-from .evaluate import _print_eval  # noqa: E402,F401 - re-exported (tests, scripts)
+from .common import add_common  # noqa: E402
 
 #: the sub-command modules, in the order of `cbir --help`; an optional one whose dependencies are missing is left out
 COMMANDS = ("index", "query", "evaluate", "train", "duplicates", "datasets", "match", "export", "paddle", "segment", "serve")
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name and e.name.startswith("cbir"):
                 continue
             raise
-        m.register(sub, _add_common)
+        m.register(sub, add_common)
     return p
 
 

@@ -21,7 +21,7 @@ def _default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--threads", type=positive_int, default=_default_threads(), help="CPU threads for torch, OpenCV and faiss (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -37,7 +37,7 @@ FOLDER_HELP = ("or a folder: walked recursively in sorted order, hidden files/fo
                "links out of it not followed, names relative to it")
 
 
-def _add_source(p: argparse.ArgumentParser, required: bool = True, queries: bool = False, positional: bool = False) -> None:
+def add_source(p: argparse.ArgumentParser, required: bool = True, queries: bool = False, positional: bool = False) -> None:
     g = p.add_argument_group("images")
     src = g.add_mutually_exclusive_group(required=required)
     src.add_argument("--dataset", metavar="NAME", help="a dataset named in datasets.yaml (see `cbir datasets`)")
@@ -55,7 +55,7 @@ def _add_source(p: argparse.ArgumentParser, required: bool = True, queries: bool
                    "(images directly in the folder get none); with a list, the first folder of each listed path")
 
 
-def _add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
+def add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
     from ..extractors import DEFAULT_EXTRACTOR
 
     g = p.add_argument_group("descriptor")
@@ -73,7 +73,7 @@ def _add_extractor(p: argparse.ArgumentParser, default_help: str) -> None:
     _add_runtime(g)
 
 
-def _extractor_from_args(a, fused_parts=None) -> tuple:
+def extractor_from_args(a, fused_parts=None) -> tuple:
     from ..extractors import configure
 
     extra = None
@@ -86,7 +86,7 @@ def _extractor_from_args(a, fused_parts=None) -> tuple:
                      extra=extra, fused_parts=fused_parts)
 
 
-def _entries(a):
+def entries_from_args(a):
     from ..data import load_dataset
 
     if a.dataset:
@@ -122,7 +122,7 @@ def _bytes(text: str) -> int:
     return int(v)
 
 
-def _add_search_structure(b: argparse.ArgumentParser) -> None:
+def add_search_structure(b: argparse.ArgumentParser) -> None:
     g = b.add_argument_group("search structure (faiss)")
     g.add_argument("--ann", choices=["auto", "flat", "hnsw", "ivf"], default="auto",
                    help="exact scan (flat), HNSW graph (cosine), or inverted lists (ivf, also for Hamming codes); auto (default): "
@@ -149,19 +149,19 @@ def _add_search_structure(b: argparse.ArgumentParser) -> None:
                    "add / remove / compact")
 
 
-def _search_opts(a) -> Dict[str, Any]:
+def search_opts_from_args(a) -> Dict[str, Any]:
     out = {"dim": a.dim, "whiten_power": a.whiten, "codec": a.codec, "code_bytes": a.code_bytes, "nlist": a.nlist,
            "memory_budget": a.memory_budget}
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _add_search_params(p: argparse.ArgumentParser) -> None:
+def add_search_params(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("approximate search")
     g.add_argument("--nprobe", type=positive_int, metavar="N", help="IVF indexes: inverted lists visited per query (default: the index's, 16)")
     g.add_argument("--ef", type=positive_int, metavar="N", help="HNSW indexes: candidates kept per query (default: the index's, 128)")
 
 
-def _update_summary(a, rep, verb: str) -> int:
+def print_update_summary(a, rep, verb: str) -> int:
     d = {"index": str(rep.index), "count": rep.count, "added": rep.added, "removed": rep.removed, "skipped": rep.skipped,
          "failures": rep.failures, "seconds": rep.seconds}
     if a.json:
@@ -173,7 +173,7 @@ def _update_summary(a, rep, verb: str) -> int:
     return 0
 
 
-def _rerank_conf(a) -> Dict[str, Any]:
+def rerank_conf_from_args(a) -> Dict[str, Any]:
     conf: Dict[str, Any] = {}
     if getattr(a, "rerank_keypoints", None) is not None:
         conf["max_keypoints"] = a.rerank_keypoints
@@ -184,7 +184,7 @@ def _rerank_conf(a) -> Dict[str, Any]:
     return conf
 
 
-def _add_rerank(p: argparse.ArgumentParser) -> None:
+def add_rerank(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("geometric re-ranking (index built with --local FEATURES)")
     g.add_argument("--rerank", metavar="MATCHER", help="verify the top candidates and re-order them by RANSAC inliers: default (the "
                    "cascade: batched mutual NN + MAGSAC for all, a second opinion for the open ones; cbir.local.confs), fast, seed000, "
@@ -200,7 +200,7 @@ def _add_rerank(p: argparse.ArgumentParser) -> None:
     _add_runtime(g)
 
 
-def _expand_conf(a) -> Any:
+def expand_conf_from_args(a) -> Any:
     """The graph stage for the engine: ``"index"`` (what the index records) unless --graph, --expand / --qe-k /
     --qe-alpha / --dba-k or --diffusion say otherwise (cbir/index/expansion.py)."""
     from ..index.expansion import DEFAULT_ALPHA, DEFAULT_QE_K
@@ -214,7 +214,7 @@ def _expand_conf(a) -> Any:
     if graph is not None and explicit:
         raise CbirError("--graph names the whole graph stage; drop --expand, --qe-k, --dba-k and --diffusion (or --graph)")
     if graph is not None:
-        return _graph_arg(graph, "--graph", allow_index=True)
+        return parse_graph_arg(graph, "--graph", allow_index=True)
     if not explicit:
         if getattr(a, "qe_alpha", None) is not None:
             raise CbirError("--qe-alpha needs --expand, --qe-k or --dba-k")
@@ -226,7 +226,7 @@ def _expand_conf(a) -> Any:
     return spec
 
 
-def _graph_arg(text: str, flag: str, allow_index: bool = False) -> Any:
+def parse_graph_arg(text: str, flag: str, allow_index: bool = False) -> Any:
     """``index`` / ``default`` / ``none`` or a JSON spec of the graph stage (checked here, before any work)."""
     from ..index.expansion import parse_expand
 
@@ -249,7 +249,7 @@ GRAPH_HELP = ("the graph stage: 'index' (default: the one the index records, see
               "'{\"diffusion\": {\"k\": 20, \"kq\": 5, \"alpha\": 0.8}}' (optionally over DBA)")
 
 
-def _add_expand(p: argparse.ArgumentParser) -> None:
+def add_expand(p: argparse.ArgumentParser) -> None:
     from ..index.expansion import DEFAULT_ALPHA, DEFAULT_QE_K
 
     g = p.add_argument_group("graph stage (cosine indexes: alpha-QE, DBA, diffusion; see README 'Graph stage')")

@@ -7,7 +7,7 @@ import json
 from ..cliutil import tty_safe
 from ..errors import CbirError
 
-from .common import _add_common
+from .common import add_common
 
 
 def cmd_datasets(a) -> int:
@@ -38,5 +38,5 @@ def register(sub, add_common=None) -> None:
     d = sub.add_parser("datasets", help="list the datasets of datasets.yaml", description="List named datasets and whether their files are here.")
     d.add_argument("--check", action="store_true", help="read each dataset's list (and generate the demo set if missing)")
     d.add_argument("--json", action="store_true")
-    _add_common(d)
+    add_common(d)
     d.set_defaults(func=cmd_datasets)

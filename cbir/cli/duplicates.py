@@ -8,7 +8,7 @@ import sys
 from ..cliutil import positive_int, tty_safe
 from ..errors import CbirError
 
-from .common import _add_common, _add_search_params
+from .common import add_common, add_search_params
 
 
 def cmd_duplicates(a) -> int:
@@ -96,6 +96,6 @@ def register(sub, add_common=None) -> None:
                    "`cbir duplicates --index DIR` reuse it)")
     d.add_argument("--batch-size", type=positive_int, default=16, help="images per network batch (default: %(default)s)")
     d.add_argument("--workers", type=positive_int, default=2, help="image decoding threads (default: %(default)s)")
-    _add_search_params(d)
-    _add_common(d)
+    add_search_params(d)
+    add_common(d)
     d.set_defaults(func=cmd_duplicates)

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from ..cliutil import non_negative_int, positive_int, tty_safe
 
-from .common import (_add_common, _add_source, _add_search_params, _rerank_conf, _add_rerank, _expand_conf, _add_expand, METRICS_HELP)
+from .common import (add_common, add_source, add_search_params, rerank_conf_from_args, add_rerank, expand_conf_from_args, add_expand, METRICS_HELP)
 
 
 def cmd_eval(a) -> int:
@@ -25,9 +25,9 @@ def cmd_eval(a) -> int:
     if a.gnd:
         return _cmd_gnd(a, idx)
     rep = evaluate(idx, dataset=a.dataset, split=a.split, queries=a.queries, root=a.root, ks=a.k, rerank=a.rerank,
-                   rerank_top=a.rerank_top, rerank_conf=_rerank_conf(a), max_rank=a.max_rank, datasets_yaml=a.datasets, progress=not a.quiet,
-                   workers=a.workers, plot=a.plot, expand=_expand_conf(a), labels=a.labels)
-    _print_eval(rep, a.k)
+                   rerank_top=a.rerank_top, rerank_conf=rerank_conf_from_args(a), max_rank=a.max_rank, datasets_yaml=a.datasets, progress=not a.quiet,
+                   workers=a.workers, plot=a.plot, expand=expand_conf_from_args(a), labels=a.labels)
+    print_eval(rep, a.k)
     if a.json:
         from ..index.store import write_json_atomic
 
@@ -46,7 +46,7 @@ def _cmd_gnd(a, idx) -> int:
 
     if a.dataset or a.queries:
         raise CbirError("--gnd takes its queries from the ground truth; drop --dataset / --queries")
-    rep = evaluate_gnd(idx, a.gnd, rerank=a.rerank, rerank_top=a.rerank_top, rerank_conf=_rerank_conf(a), expand=_expand_conf(a),
+    rep = evaluate_gnd(idx, a.gnd, rerank=a.rerank, rerank_top=a.rerank_top, rerank_conf=rerank_conf_from_args(a), expand=expand_conf_from_args(a),
                        progress=not a.quiet, max_rank=a.max_rank, images=a.images)
     m, mr = rep["metrics"], rep.get("metrics_rerank")
     skipped = f", {rep['n_queries_skipped']} skipped (query image not in the gallery)" if rep["n_queries_skipped"] else ""
@@ -91,7 +91,7 @@ def _print_graph(x) -> None:
     print("  graph stage: " + ", ".join(parts))
 
 
-def _print_eval(rep: Dict[str, Any], ks) -> None:
+def print_eval(rep: Dict[str, Any], ks) -> None:
     m = rep["metrics"]
     mr = rep.get("metrics_rerank")
     apart = []
@@ -134,7 +134,7 @@ def register(sub, add_common=None) -> None:
                        description="Rank the gallery for every query and report precision@k, AP@k, full mAP (and the N-S score where every class has 4 images). "
                                    "Queries that are gallery images are left out of their own ranking (leave-one-out). " + METRICS_HELP)
     e.add_argument("--index", required=True, metavar="DIR")
-    _add_source(e, required=False, queries=True)
+    add_source(e, required=False, queries=True)
     e.add_argument("--list", help=argparse.SUPPRESS)
     e.add_argument("--k", type=positive_int, nargs="+", default=[1, 5, 10], metavar="K", help="cut-offs for precision@k and AP@k (default: 1 5 10)")
     e.add_argument("--json", metavar="PATH", help="write the report as JSON")
@@ -146,10 +146,10 @@ def register(sub, add_common=None) -> None:
                    "and mP@1/5/10. Query images are found in the gallery by file stem")
     e.add_argument("--images", metavar="DIR", help="with a revisited --gnd: the folder of its query images (NAME.jpg), when they "
                    "are not gallery images")
-    _add_expand(e)
-    _add_rerank(e)
-    _add_search_params(e)
+    add_expand(e)
+    add_rerank(e)
+    add_search_params(e)
     e.add_argument("--max-rank", type=positive_int, help="rank only this many results per query (mAP then counts relevant items beyond as misses)")
     e.add_argument("--workers", type=non_negative_int, default=2, help="image decoding threads (default: %(default)s; 0: decode in the main thread)")
-    _add_common(e)
+    add_common(e)
     e.set_defaults(func=cmd_eval)

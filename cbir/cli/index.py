@@ -7,7 +7,7 @@ import json
 from ..cliutil import non_negative_int, positive_int, tty_safe
 from ..errors import CbirError
 
-from .common import (_graph_arg, _add_common, _add_source, _add_extractor, _extractor_from_args, _entries, _add_search_structure, _search_opts, _update_summary)
+from .common import (parse_graph_arg as _graph_arg, add_common as _add_common, add_source as _add_source, add_extractor as _add_extractor, extractor_from_args as _extractor_from_args, entries_from_args as _entries, add_search_structure as _add_search_structure, search_opts_from_args as _search_opts, print_update_summary as _update_summary)
 
 
 def cmd_index_build(a) -> int:

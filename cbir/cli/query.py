@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 from ..cliutil import positive_int, tty_safe
 from ..errors import CbirError
 
-from .common import (_add_common, _add_search_params, _rerank_conf, _add_rerank, _expand_conf, _add_expand)
+from .common import (add_common, add_search_params, rerank_conf_from_args, add_rerank, expand_conf_from_args, add_expand)
 
 
 def cmd_query(a) -> int:
@@ -24,11 +24,11 @@ def cmd_query(a) -> int:
     idx.set_search(nprobe=a.nprobe, ef=a.ef)
     # an unreadable query is one failure entry, not the end of the others' results
     failures: List[Dict[str, Any]] = []
-    expand = _expand_conf(a)
+    expand = expand_conf_from_args(a)
     if a.rerank:
         from ..local.rerank import Reranker
 
-        res = Reranker(idx, a.rerank, conf=_rerank_conf(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top, failures=failures,
+        res = Reranker(idx, a.rerank, conf=rerank_conf_from_args(a)).query_images(a.images, top_k=a.top_k, top=a.rerank_top, failures=failures,
                                                                          with_matches=bool(a.grid), expand=expand)
     else:
         res = idx.query_images(a.images, top_k=a.top_k, failures=failures, expand=expand)
@@ -101,8 +101,8 @@ def register(sub, add_common=None) -> None:
                    "still printed); without it unreadable queries are reported (stderr, and 'failures' in --json) and the exit "
                    "status is 2 only when none could be answered")
     q.add_argument("--extractor", metavar="NAME", help="refuse to run unless the index was built with this extractor")
-    _add_expand(q)
-    _add_rerank(q)
-    _add_search_params(q)
-    _add_common(q)
+    add_expand(q)
+    add_rerank(q)
+    add_search_params(q)
+    add_common(q)
     q.set_defaults(func=cmd_query)
