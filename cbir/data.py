@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -236,13 +236,6 @@ def _read_csv(text: str, list_file: Path, label_column: Optional[str]) -> List[T
     return pairs
 
 
-def write_file_list(entries: Iterable[Entry], path: PathLike) -> None:
-    """Write entries in the seed format (``name<TAB>label``)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for e in entries:
-            f.write(f"{e.name}\t{e.label}\n" if e.label is not None else f"{e.name}\n")
-
-
 # --------------------------------------------------------------------------- datasets.yaml
 
 
@@ -277,10 +270,6 @@ def load_datasets_yaml(path: Optional[PathLike] = None) -> Tuple[Path, Dict[str,
     if not isinstance(spec, dict):
         raise CbirError(f"{p}: expected a mapping of dataset names")
     return p, spec
-
-
-def dataset_names(path: Optional[PathLike] = None) -> List[str]:
-    return list(load_datasets_yaml(path)[1])
 
 
 def load_dataset(name: str, split: Optional[str] = None, datasets_yaml: Optional[PathLike] = None) -> Dataset:
@@ -559,11 +548,6 @@ def _rgb8_of(a: np.ndarray, work: str, hi: float) -> np.ndarray:
         return np.minimum(a[..., :3].astype(np.uint16) + (255 - a[..., 3:4]).astype(np.uint16), 255).astype(np.uint8)
     g = np.clip(a.astype(np.float32) * np.float32(255.0 / hi), 0, 255).round().astype(np.uint8)
     return np.repeat(g[..., None], 3, axis=2)
-
-
-def _to_rgb8(im) -> np.ndarray:
-    """RGB uint8 of a loaded PIL image at full size (see :func:`_reduced_rgb8`)."""
-    return _reduced_rgb8(im, 1)
 
 
 def resize_max_side(img: np.ndarray, max_side: int) -> np.ndarray:

@@ -21,7 +21,8 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "hubble_deep
 TRANSFORMS = ("crop", "rotation", "scale", "perspective", "jpeg", "blur", "colour", "occlusion")
 
 
-def _load(name: str) -> np.ndarray:
+def load_photo(name: str) -> np.ndarray:
+    """One of :data:`PHOTOS` as an RGB ``uint8`` array (grey photos repeated to three channels)."""
     from skimage import data
 
     img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
@@ -126,7 +127,7 @@ def make_demo_dataset(root: os.PathLike, photos: Tuple[str, ...] = PHOTOS, seed:
     (tmp / "images").mkdir(parents=True)
     lines: List[str] = []
     for gi, name in enumerate(photos):
-        img = _load(name)
+        img = load_photo(name)
         variants = [("original", img)]
         for ti, t in enumerate(TRANSFORMS):
             rng = np.random.default_rng([seed, gi, ti])

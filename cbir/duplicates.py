@@ -177,12 +177,10 @@ class PairVerifier:
     descriptors, at most ``cache`` images), so a gallery's pairs cost one extraction per image plus the matching."""
 
     def __init__(self, max_side: int = 640, max_keypoints: int = 512, cache: int = 8192, min_inliers: int = MIN_INLIERS) -> None:
-        from .local import load_plugins
-        from .local.pair import _build_extractor
+        from .local import build_extractor
 
-        load_plugins()
         self.max_side = max_side
-        self.extractor = _build_extractor("rootsift", None, "cpu", {"max_keypoints": max_keypoints})
+        self.extractor = build_extractor("rootsift", max_keypoints=max_keypoints)
         self.cache = cache
         self.min_inliers = int(min_inliers)
         #: a copy's matches are mostly inliers: one MAGSAC++ run of at most 2000 iterations finds its model (the
@@ -371,12 +369,12 @@ def write_csv(report: Dict[str, Any], path: PathLike) -> None:
 def draw_groups(report: Dict[str, Any], out_png: PathLike, max_groups: int = 40, max_per_group: int = 8) -> int:
     """A contact sheet: one row per group, the image to keep first (green frame); returns the groups drawn."""
     from .data import decode_image
-    from .eval.plots import _plt
+    from .eval.plots import pyplot
 
     groups = report["groups"][:max_groups]
     if not groups:
         return 0
-    plt = _plt()
+    plt = pyplot()
     cols = min(max_per_group, max(len(g["files"]) for g in groups))
     fig, axes = plt.subplots(len(groups), cols, figsize=(2.2 * cols, 2.4 * len(groups)), squeeze=False)
     for gi, g in enumerate(groups):

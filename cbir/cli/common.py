@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from ..cliutil import non_negative_int, positive_int, tty_safe
 from ..errors import CbirError

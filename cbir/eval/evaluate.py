@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data import Entry, iter_decoded, load_dataset, read_file_list
+from ..data import Entry, iter_decoded, load_dataset
 from ..errors import CbirError, DecodeError
 from ..progress import bar as _progress, log as _log
 from ..query import Index

@@ -8,7 +8,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +32,7 @@ def result_grid(
     ``correct[i]`` colours result ``i``'s frame green (relevant) or red (not); ``None`` leaves it plain.
     A result image that cannot be read any more is drawn as an empty panel.
     """
-    plt = _plt()
+    plt = pyplot()
     n = 1 + len(results)
     fig, axes = plt.subplots(1, n, figsize=(2.3 * n, 2.6), squeeze=False)
     panels = [query] + list(results)
@@ -59,7 +60,7 @@ def result_grid(
 
 def pr_plot(curves: Dict[str, np.ndarray], out_png: os.PathLike, title: str = "") -> None:
     """Mean interpolated precision at 11 recall levels, one line per name."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     levels = np.linspace(0, 1, 11)
     for name, prec in curves.items():

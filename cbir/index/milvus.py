@@ -331,10 +331,6 @@ class MilvusBackend:
 
     # -- construction
     @classmethod
-    def create(cls, spec: SearchSpec, uri: str, collection: str, overwrite: bool = False, token: Optional[str] = None) -> "MilvusBackend":
-        return cls(spec, uri, collection, overwrite=overwrite, token=token)
-
-    @classmethod
     def attach(cls, spec: SearchSpec, uri: str, collection: str, token: Optional[str] = None) -> "MilvusBackend":
         """An existing collection (its vector field checked against ``spec``)."""
         client = connect(uri, token)

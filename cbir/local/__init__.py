@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, List, Optional
 
-from .base import EXTRACTORS, MATCHERS, Extractor, Matcher, check_combination
+from .base import EXTRACTORS, MATCHERS, KeypointExtractor, Matcher, check_combination
 
 def load_plugins() -> None:
     """Import every plugin module so that the registries are complete."""
@@ -39,7 +39,7 @@ def matcher_names() -> List[str]:
     return MATCHERS.names()
 
 
-def build_extractor(name: str, weights: Optional[str] = None, device: str = "cpu", **conf: Any) -> Extractor:
+def build_extractor(name: str, weights: Optional[str] = None, device: str = "cpu", **conf: Any) -> KeypointExtractor:
     """Local feature extractor ``name`` with optional weight path and configuration overrides."""
     load_plugins()
     return EXTRACTORS.get(name)(weights=weights, device=device, **conf)
@@ -66,8 +66,8 @@ def __getattr__(name: str):  # lazy re-exports of the heavier modules
         "match_files": "pair",
         "draw_matches": "draw",
         "rerank_scores": "rerank",
-        "write_features": "store",
-        "read_features": "store",
+        "write_local_features": "store",
+        "read_local_features": "store",
     }
     if name in lazy:
         return getattr(importlib.import_module(f"{__name__}.{lazy[name]}"), name)

@@ -17,13 +17,13 @@ import numpy as np
 
 from ..errors import CbirError
 from ..weights import load_into, load_state_dict, resolve_weights
-from .base import EXTRACTORS, Extractor, Features, make_features, uses_onnx
+from .base import EXTRACTORS, KeypointExtractor, Features, make_features, uses_onnx
 
 MODELS = ("aliked-n16", "aliked-n16rot", "aliked-n32", "aliked-t16")
 
 
 @EXTRACTORS.register("aliked")
-class ALIKED(Extractor):
+class ALIKED(KeypointExtractor):
     """ALIKED keypoints and 128-D descriptors (``model`` picks n16, n16rot, n32 or t16)."""
 
     name = "aliked"

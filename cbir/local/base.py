@@ -17,7 +17,7 @@ be turned into, and what geometric verification reads) holds ``keypoints0``, ``k
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -99,7 +99,7 @@ def empty_correspondences() -> Correspondences:
     return {"keypoints0": np.zeros((0, 2), np.float32), "keypoints1": np.zeros((0, 2), np.float32), "scores": np.zeros((0,), np.float32)}
 
 
-class Extractor:
+class KeypointExtractor:
     """Base class of local feature extractors.
 
     Subclasses set :attr:`name`, :attr:`default_conf`, :attr:`descriptor_dim` and implement :meth:`_extract`,
@@ -121,10 +121,6 @@ class Extractor:
         """Features of one RGB ``uint8`` ``(H, W, 3)`` image (a ``(H, W)`` grey image is accepted too)."""
         image = as_rgb8(image)
         return self._extract(image)
-
-    def extract_many(self, images: Iterable[np.ndarray]) -> List[Features]:
-        """Features of several images, one at a time (sizes differ; memory stays bounded)."""
-        return [self.extract(im) for im in images]
 
     def _extract(self, image: np.ndarray) -> Features:  # pragma: no cover - abstract
         raise NotImplementedError

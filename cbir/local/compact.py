@@ -259,13 +259,13 @@ def learn_basis(columns: int = 32, max_keypoints: int = 2048, sides=(None, 512))
     Each column's sign is fixed (its largest entry positive) so the result does not depend on the SVD routine's choice.
     """
     from ..data import resize_max_side
-    from ..demo import PHOTOS, _load
+    from ..demo import PHOTOS, load_photo
     from . import build_extractor
 
     ext = build_extractor("rootsift", max_keypoints=max_keypoints)
     descs = []
     for p in PHOTOS:
-        img = _load(p)
+        img = load_photo(p)
         for side in sides:
             im = img if side is None or max(img.shape[:2]) <= side else resize_max_side(img, side)
             descs.append(ext.extract(im)["descriptors"])

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ..errors import CbirError, WeightsNotFound
-from .base import EXTRACTORS, Extractor, Features, make_features
+from .base import EXTRACTORS, KeypointExtractor, Features, make_features
 
 #: seed 000's matching and verification parameters
 DELF_RECIPE: Dict[str, Any] = {
@@ -58,7 +58,7 @@ def resolve_module(explicit: Optional[os.PathLike] = None) -> Path:
 
 
 @EXTRACTORS.register("delf")
-class DELF(Extractor):
+class DELF(KeypointExtractor):
     """DELF keypoints (attention-selected, multi-scale) with 40-D PCA-whitened, L2-normalised descriptors."""
 
     name = "delf"

@@ -12,11 +12,11 @@ from typing import Any, Dict
 import numpy as np
 
 from ..weights import load_into, load_state_dict, resolve_weights
-from .base import EXTRACTORS, Extractor, Features, make_features, uses_onnx
+from .base import EXTRACTORS, KeypointExtractor, Features, make_features, uses_onnx
 
 
 @EXTRACTORS.register("disk")
-class DISK(Extractor):
+class DISK(KeypointExtractor):
     """DISK keypoints and 128-D descriptors (the ``depth`` weights)."""
 
     name = "disk"

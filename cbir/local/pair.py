@@ -16,12 +16,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import CbirError
-from .base import Extractor, Matcher, as_rgb8, check_combination, correspondences, empty_correspondences
+from .base import KeypointExtractor, Matcher, as_rgb8, check_combination, correspondences, empty_correspondences
 from .verify import verify
 
 DEFAULT_MAX_SIDE = 1024
 
-def _shrink(image: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+def shrink_to_side(image: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
     """The image shrunk to ``max_side`` and the per-axis factor back to the original frame."""
     from ..data import resize_max_side
 
@@ -33,7 +33,7 @@ def _shrink(image: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, np.
     return small, np.array([w / ws, h / hs], np.float32)
 
 
-def _to_original(kpts: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def to_original_frame(kpts: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Pixel-centre-preserving rescale: ``(p + 0.5) * s - 0.5``."""
     if np.all(scale == 1):
         return kpts
@@ -41,7 +41,7 @@ def _to_original(kpts: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def _names(features, matcher) -> Tuple[Optional[str], str]:
-    fname = features.name if isinstance(features, Extractor) else (None if features in (None, "", "none") else str(features))
+    fname = features.name if isinstance(features, KeypointExtractor) else (None if features in (None, "", "none") else str(features))
     mname = matcher.name if isinstance(matcher, Matcher) else str(matcher)
     return fname, mname
 
@@ -49,7 +49,7 @@ def _names(features, matcher) -> Tuple[Optional[str], str]:
 def match_images(
     img0: np.ndarray,
     img1: np.ndarray,
-    features: Union[str, Extractor, None] = "aliked",
+    features: Union[str, KeypointExtractor, None] = "aliked",
     matcher: Union[str, Matcher] = "lightglue",
     model: str = "homography",
     weights: Optional[os.PathLike] = None,
@@ -85,8 +85,8 @@ def match_images(
     extractor = _build_extractor(features, weights, device, extractor_conf)
     m = _build_matcher(matcher, fname, matcher_weights, device, matcher_conf)
 
-    s0, scale0 = _shrink(img0, max_side)
-    s1, scale1 = _shrink(img1, max_side)
+    s0, scale0 = shrink_to_side(img0, max_side)
+    s1, scale1 = shrink_to_side(img1, max_side)
     seconds: Dict[str, float] = {}
     t = time.perf_counter()
     if m.detector_free:
@@ -101,7 +101,7 @@ def match_images(
         t = time.perf_counter()
         corr = correspondences(f0, f1, m.match(f0, f1)) if n0 and n1 else empty_correspondences()
     seconds["match"] = time.perf_counter() - t
-    k0, k1 = _to_original(corr["keypoints0"], scale0), _to_original(corr["keypoints1"], scale1)
+    k0, k1 = to_original_frame(corr["keypoints0"], scale0), to_original_frame(corr["keypoints1"], scale1)
 
     t = time.perf_counter()
     v = verify(k0, k1, model, **(verify_conf or {}))
@@ -132,10 +132,10 @@ def match_images(
     }
 
 
-def _build_extractor(features, weights, device, conf) -> Optional[Extractor]:
+def _build_extractor(features, weights, device, conf) -> Optional[KeypointExtractor]:
     if features in (None, "", "none"):
         return None
-    if isinstance(features, Extractor):
+    if isinstance(features, KeypointExtractor):
         if conf:
             raise CbirError("extractor_conf given with an already built extractor")
         return features
@@ -157,7 +157,7 @@ def _build_matcher(matcher, fname, weights, device, conf) -> Matcher:
 def match_files(
     path0: os.PathLike,
     path1: os.PathLike,
-    features: Union[str, Extractor, None] = "aliked",
+    features: Union[str, KeypointExtractor, None] = "aliked",
     matcher: Union[str, Matcher] = "lightglue",
     model: str = "homography",
     out_png: Optional[os.PathLike] = None,

@@ -11,11 +11,11 @@ from typing import Any, Dict
 import cv2
 import numpy as np
 
-from .base import EXTRACTORS, Extractor, Features, make_features
+from .base import EXTRACTORS, KeypointExtractor, Features, make_features
 
 
 @EXTRACTORS.register("sift")
-class SIFT(Extractor):
+class SIFT(KeypointExtractor):
     """OpenCV SIFT on the grey image; ``max_keypoints`` strongest responses (<= 0: all)."""
 
     name = "sift"

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -34,14 +34,14 @@ LIBVER = ("v108", "v110")
 # ----------------------------------------------------------------------------- plain functions
 
 
-def write_features(h5, name: str, feats: Features, overwrite: bool = True, half_descriptors: bool = False) -> None:
+def write_local_features(h5, name: str, feats: Features, overwrite: bool = True, half_descriptors: bool = False) -> None:
     """Store ``feats`` under group ``name`` of the open ``h5py.File`` (or file path) ``h5``."""
     import h5py
 
     check_features(feats, f"features of {name!r}")
     if not isinstance(h5, h5py.Group):
         with h5py.File(h5, "a") as f:
-            return write_features(f, name, feats, overwrite, half_descriptors)
+            return write_local_features(f, name, feats, overwrite, half_descriptors)
     if name in h5:
         if not overwrite:
             raise CbirError(f"{h5.file.filename}: features of {name!r} already stored")
@@ -54,7 +54,7 @@ def write_features(h5, name: str, feats: Features, overwrite: bool = True, half_
         g.create_dataset(k, data=arr)
 
 
-def read_features(h5, name: str) -> Features:
+def read_local_features(h5, name: str) -> Features:
     """Features of ``name`` from ``h5`` (open file or path), with the documented dtypes."""
     import h5py
 
@@ -62,7 +62,7 @@ def read_features(h5, name: str) -> Features:
         if not os.path.isfile(h5):
             raise CbirError(f"{h5}: local features file not found")
         with h5py.File(h5, "r") as f:
-            return read_features(f, name)
+            return read_local_features(f, name)
     if name not in h5:
         raise CbirError(f"{h5.file.filename}: no local features for {name!r}")
     g = h5[name]
@@ -120,7 +120,7 @@ class LocalFeatureStore:
                     self._raw = open(self.path, "r+b" if self.path.is_file() else "w+b", buffering=0)
                 except OSError as e:
                     raise write_error(self.path, e) from None
-                self._safe = _SafeFile(self._raw)
+                self._safe = SafeFile(self._raw)
                 self._h5 = h5py.File(self._safe, "r+" if self.path.stat().st_size else "w", libver=LIBVER)
         except OSError as e:
             if self._raw is not None:
@@ -138,10 +138,10 @@ class LocalFeatureStore:
         return k in self._h5 and isinstance(self._h5[k], h5py.Group) and "keypoints" in self._h5[k]
 
     def put(self, name: str, feats: Features) -> None:
-        write_features(self._h5, self._key(name), feats)
+        write_local_features(self._h5, self._key(name), feats)
 
     def get(self, name: str) -> Features:
-        return read_features(self._h5, self._key(name))
+        return read_local_features(self._h5, self._key(name))
 
     def get_many(self, names: Iterable[str]) -> List[Optional[Features]]:
         """Features of ``names`` (None where an image has none): only those groups are read."""
@@ -246,14 +246,14 @@ class LocalExtractor:
     def extract(self, image: np.ndarray) -> Features:
         """Features as they will be stored (projected, in the storage dtypes)."""
         from .compact import compact
-        from .pair import _shrink, _to_original
+        from .pair import shrink_to_side, to_original_frame
 
         image = as_rgb8(image)
-        small, scale = _shrink(image, self.max_side)
+        small, scale = shrink_to_side(image, self.max_side)
         f = self.extractor.extract(small)
         if not np.all(scale == 1):
             h, w = image.shape[:2]
-            f = make_features(_to_original(f["keypoints"], scale), f["descriptors"], f["scores"], (w, h))
+            f = make_features(to_original_frame(f["keypoints"], scale), f["descriptors"], f["scores"], (w, h))
         if self.projection is not None:
             f = {**f, "descriptors": self.projection(f["descriptors"])}
         return compact(f, self.storage) if self._compact else f
@@ -294,9 +294,3 @@ def local_extractor_from_identity(identity: Dict[str, Any]) -> LocalExtractor:
     conf = dict(identity.get("conf") or {})
     conf["max_side"] = identity.get("max_side")
     return LocalExtractor(str(identity["name"]), conf)
-
-
-def iter_features(store: LocalFeatureStore, names: Iterable[str]) -> Iterator[Features]:
-    """Features of ``names`` one at a time (memory stays that of one image)."""
-    for n in names:
-        yield store.get(n)

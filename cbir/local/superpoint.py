@@ -11,11 +11,11 @@ from typing import Any, Dict
 
 import numpy as np
 
-from .base import EXTRACTORS, Extractor, Features, make_features
+from .base import EXTRACTORS, KeypointExtractor, Features, make_features
 
 
 @EXTRACTORS.register("superpoint")
-class SuperPointFeatures(Extractor):
+class SuperPointFeatures(KeypointExtractor):
     """SuperPoint keypoints and 256-D descriptors."""
 
     name = "superpoint"

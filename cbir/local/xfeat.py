@@ -12,11 +12,11 @@ from typing import Any, Dict
 import numpy as np
 
 from ..weights import load_into, load_state_dict, resolve_weights
-from .base import EXTRACTORS, Extractor, Features, make_features, uses_onnx
+from .base import EXTRACTORS, KeypointExtractor, Features, make_features, uses_onnx
 
 
 @EXTRACTORS.register("xfeat")
-class XFeat(Extractor):
+class XFeat(KeypointExtractor):
     """XFeat keypoints and 64-D descriptors (``detectAndCompute``)."""
 
     name = "xfeat"

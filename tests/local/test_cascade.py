@@ -13,7 +13,7 @@ from cbir.local.compact import STORAGE_COMPACT, Projection, basis, check_storage
 from cbir.local.confs import LOCAL_CONFS, LOCAL_DEFAULTS, local_conf, rerank_conf
 from cbir.local.mnn import MNN, batched_mutual_nn, mnn_from_blocks
 from cbir.local.rerank import Reranker, query_row
-from cbir.local.store import LocalFeatureStore, local_extractor_from_identity, make_local_extractor, read_features
+from cbir.local.store import LocalFeatureStore, local_extractor_from_identity, make_local_extractor, read_local_features
 from cbir.local.verify import Verification, verdict, verify
 
 
@@ -134,7 +134,7 @@ def test_default_local_features_are_compact_and_hloc_readable(tmp_path, textured
         assert g["descriptors"].dtype == np.float16 and g["descriptors"].shape == (256, 24)
         assert g["scores"].dtype == np.float16 and list(g["image_size"][()]) == [textured.shape[1], textured.shape[0]]
         np.testing.assert_allclose(np.linalg.norm(g["descriptors"][()].astype(np.float32), axis=1), 1, atol=2e-3)
-    back = read_features(path, "dir/img0.jpg")
+    back = read_local_features(path, "dir/img0.jpg")
     assert back["descriptors"].dtype == np.float32 and back["keypoints"].dtype == np.float32
     with LocalFeatureStore(path) as s:
         got = s.get_many(["dir/img1.jpg", "missing.jpg"])

@@ -12,7 +12,7 @@ import pytest
 from cbir.errors import CbirError
 from cbir.local import build_extractor, build_matcher
 from cbir.local.rerank import Reranker, reorder, rerank_scores
-from cbir.local.store import LocalFeatureStore, make_local_extractor, read_features, stored_names, write_features
+from cbir.local.store import LocalFeatureStore, make_local_extractor, read_local_features, stored_names, write_local_features
 
 
 def test_rerank_orders_true_match_first(warped_pair, other_textured):
@@ -40,20 +40,20 @@ def test_hdf5_roundtrip(tmp_path, textured):
 
     f = build_extractor("sift", max_keypoints=100).extract(textured)
     path = tmp_path / "local.h5"
-    write_features(path, "a/b.jpg", f)
-    write_features(path, "c.jpg", f, half_descriptors=True)
-    g = read_features(path, "a/b.jpg")
+    write_local_features(path, "a/b.jpg", f)
+    write_local_features(path, "c.jpg", f, half_descriptors=True)
+    g = read_local_features(path, "a/b.jpg")
     for k in f:
         np.testing.assert_array_equal(g[k], f[k])
         assert g[k].dtype == f[k].dtype
-    assert read_features(path, "c.jpg")["descriptors"].dtype == np.float32
+    assert read_local_features(path, "c.jpg")["descriptors"].dtype == np.float32
     assert sorted(stored_names(path)) == ["a/b.jpg", "c.jpg"]
     with h5py.File(path, "r") as h5:
         assert set(h5["a/b.jpg"]) == {"keypoints", "descriptors", "scores", "image_size"}
     with pytest.raises(CbirError, match="no local features"):
-        read_features(path, "missing.jpg")
+        read_local_features(path, "missing.jpg")
     with pytest.raises(CbirError, match="already stored"):
-        write_features(path, "c.jpg", f, overwrite=False)
+        write_local_features(path, "c.jpg", f, overwrite=False)
 
 
 def test_store_and_local_extractor(tmp_path, textured):
