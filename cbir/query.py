@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -19,6 +20,27 @@ from .index import store
 from .index.gallery import Gallery
 
 PathLike = Union[str, os.PathLike]
+#: a gallery row and its score
+Pair = Tuple[int, float]
+
+
+class UnknownLabel(CbirError):
+    """No image of the index has the label asked for; ``known`` lists the labels it has (keys and display names)."""
+
+    def __init__(self, label: str, known: List[str]) -> None:
+        some = ", ".join(known[:10]) if known else "(none: the index has no labels)"
+        super().__init__(f"no image has label {label!r}; labels: {some}" + (" ..." if len(known) > 10 else ""))
+        self.label, self.known = label, known
+
+
+@dataclass
+class Ranking:
+    """An answer of :meth:`Index.rank`: ``(row, score)`` pairs best first and, when re-ranked, each verified
+    candidate's inlier count and verdict (rows without local features are absent)."""
+
+    pairs: List[Pair]
+    inliers: Optional[Dict[int, int]] = None
+    verified: Optional[Dict[int, bool]] = None
 
 
 class Index(Gallery):
@@ -35,6 +57,19 @@ class Index(Gallery):
         if not (self.folder / store.LOCAL_FILE).exists() and not self.manifest.get("local"):
             raise CbirError(f"{self.folder}: no local features (build the index with --local FEATURES to re-rank)")
         return store.open_checked(self.folder, store.LOCAL_FILE, self.manifest, lambda p: LocalFeatureStore(p, mode="r"), self._verify)
+
+    def adopt_extractor(self, other: "Index") -> bool:
+        """Use ``other``'s extractor (already built) when both manifests record the same one exactly (configuration,
+        learned state, weights and dimension): a new version of an index after ``index add`` then loads no model.
+        True when adopted; nothing changes when this index built its own already or the two differ."""
+        if self._extractor is not None:
+            return False
+        old, new = other.manifest.get("extractor") or {}, self.manifest.get("extractor") or {}
+        if not (old.get("key") and old.get("key") == new.get("key") and old.get("weights") == new.get("weights")
+                and other.manifest.get("dim") == self.manifest.get("dim")):
+            return False
+        self._extractor = other.extractor
+        return True
 
     @property
     def extractor(self) -> Extractor:
@@ -119,6 +154,71 @@ class Index(Gallery):
                 "results": [self.result(int(i), float(s), r + 1) for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0],
             })
         return out
+
+
+    # -- ranking one query vector (what the service and the page ask for)
+    def label_filter(self, label: Optional[str]) -> Optional[Callable[[int], bool]]:
+        """A test on gallery rows: whether the row's label is ``label`` (a label or its display name in
+        ``label_names``); None for no label (no filter). :class:`UnknownLabel` when no image has it."""
+        if label is None or label == "":
+            return None
+        names = self.manifest.get("label_names") or {}
+        keys = {label} | {k for k, v in names.items() if v == label}
+        known = set(self.manifest.get("labels") or []) | set(names)
+        if not keys & known:
+            raise UnknownLabel(label, sorted(known))
+        labels = self.labels
+        return lambda r: labels[r] in keys
+
+    def ranked(self, vec: np.ndarray, top_k: int, keep: Optional[Callable[[int], bool]] = None, exclude: Optional[int] = None,
+               search: Optional[Callable] = None, expand: Any = "index") -> List[Pair]:
+        """The ``top_k`` best ``(row, score)`` pairs for one query vector (``vec``: shape (1, dim)) among the rows
+        passing ``keep`` (None: all), without row ``exclude``; ``search`` (default :meth:`searcher` of ``expand``) is
+        asked for more rows until enough pass or the gallery is exhausted."""
+        n = len(self)
+        if search is None:
+            search = self.searcher(expand)
+        ex = None if exclude is None else np.array([exclude])
+        want = min(n, top_k + (0 if exclude is None else 1))
+        k = want if keep is None else min(n, max(4 * top_k, 64))
+        while True:
+            scores, rows = search(vec, max(1, k), exclude=ex)
+            pairs = [(int(r), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0 and r != exclude and (keep is None or keep(int(r)))]
+            if len(pairs) >= top_k or k >= n:
+                return pairs[:top_k]
+            k = min(n, k * 4)
+
+    def reranked(self, vec: np.ndarray, candidates: List[Pair], reranker, query: Any, top_k: int, top: int = 100,
+                 keep: Optional[Callable[[int], bool]] = None, exclude: Optional[int] = None, search: Optional[Callable] = None,
+                 expand: Any = "index") -> Ranking:
+        """Re-rank ``candidates`` (what :meth:`ranked` gave for ``vec``) with ``reranker``
+        (:class:`cbir.local.rerank.Reranker`) for ``query`` (an image or what its ``query_item`` gave), its verified
+        query expansion searching with the same filter; the ``top_k`` first, with inliers and verdicts."""
+        if search is None:
+            search = self.searcher(expand)
+        score = dict(candidates)
+
+        def search_rows(q, k, exclude=None):  # the graph stage with the label filter, as arrays (for verified expansion)
+            got = self.ranked(q, k, keep, None if exclude is None else int(exclude[0]), search)
+            return np.array([[s for _, s in got]], np.float32), np.array([[r for r, _ in got]], np.int64)
+
+        ids = np.array([r for r, _ in candidates], np.int64)
+        rr = reranker.rerank_query(query, ids, top=top, qvec=vec[0], search=search_rows, k=len(ids), exclude=exclude, scores=score)
+        pairs = [(int(r), score[int(r)]) for r in rr.ids if int(r) >= 0][:top_k]
+        return Ranking(pairs, rr.inliers, rr.verified)
+
+    def rank(self, vec: np.ndarray, top_k: int, label: Optional[str] = None, exclude: Optional[int] = None, expand: Any = "index",
+             reranker=None, query: Any = None, top: int = 100, search: Optional[Callable] = None) -> Ranking:
+        """Rank the gallery for one query vector: the ``top_k`` best rows with ``label`` (None: any), without row
+        ``exclude``, through the graph stage ``expand`` (or ``search``); with ``reranker`` and ``query``, the ``top``
+        first candidates re-ranked by it (:meth:`reranked`)."""
+        keep = self.label_filter(label)
+        if search is None:
+            search = self.searcher(expand)
+        if reranker is None:
+            return Ranking(self.ranked(vec, top_k, keep, exclude, search))
+        cands = self.ranked(vec, max(top_k, top), keep, exclude, search)
+        return self.reranked(vec, cands, reranker, query, top_k, top, keep, exclude, search)
 
 
 def load_index(folder: PathLike) -> Index:

@@ -85,7 +85,7 @@ def parse_indexes(items: List[str]) -> Dict[str, str]:
 
 def config_from_args(a):
     from ..errors import CbirError
-    from ..serve.app import MB, ServeConfig, is_loopback
+    from ..serve.config import MB, ServeConfig, is_loopback
 
     token = a.token if a.token is not None else (os.environ.get(TOKEN_ENV) or None)
     if not is_loopback(a.host) and not token:

@@ -18,8 +18,10 @@ an LRU cache shared by every re-ranker of the same index file in the process.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -83,6 +85,17 @@ class QueryViews(list):
     """The query seen at several rotations; :meth:`Reranker.rerank_item` keeps each candidate's best view."""
 
 
+@dataclass
+class Reranked:
+    """What :meth:`Reranker.rerank_query` answers: the re-ordered rows and, per verified candidate row, its inlier count
+    (-1: no features), full result (``verified``, ``stage``, ``n_matches``, ``reason``, ``matrix``...) and verdict."""
+
+    ids: np.ndarray
+    inliers: Dict[int, int]
+    results: Dict[int, Dict[str, Any]]
+    verified: Dict[int, bool]
+
+
 class Reranker:
     """Re-ranks the results of an index built with ``--local FEATURES`` using matcher ``matcher``.
 
@@ -143,9 +156,12 @@ class Reranker:
             if matcher != "mnn":
                 raise CbirError(f"re-ranking cascade: the first stage is the batched mutual NN ('mnn'), got {matcher!r}")
             self.cascade = Cascade(self.conf, self.features, projected=self.projected, device=self.conf["device"])
-        self.store = None if self.matcher.detector_free else shared_store(index)
+        if self.matcher.detector_free:
+            self.store, self._cache = None, _FeatureCache(int(self.conf["cache_mb"]))
+        else:
+            self.store, self._cache = shared_features(index, int(self.conf["cache_mb"]))
         self._extractor = None
-        self._cache = _feature_cache(self.store, self.conf) if self.store is not None else _FeatureCache(int(self.conf["cache_mb"]))
+        self._timing_lock = threading.Lock()
         self.last_inliers: Dict[int, int] = {}
         self.last_results: Dict[int, Dict[str, Any]] = {}
         self.keep_points = False
@@ -199,9 +215,14 @@ class Reranker:
             stored = self._stored(entry.name)
             if self.conf["rotations"] == [0]:
                 return stored
-        return self._query_views(self._image(entry.path), stored)
+        return self.query_views(self._image(entry.path), stored)
 
-    def _query_views(self, img: np.ndarray, stored: Any = None) -> Any:
+    @property
+    def query_side(self) -> Optional[int]:
+        """The longer side a query image is decoded at to be matched against the gallery's local features (None: full size)."""
+        return self._max_side()
+
+    def query_views(self, img: np.ndarray, stored: Any = None) -> Any:
         """The query as matched: one item, or one per rotation (``stored``: its features at 0 degrees, if known)."""
         views = []
         for rot in self.conf["rotations"]:
@@ -218,8 +239,34 @@ class Reranker:
 
         Afterwards ``last_inliers`` maps each candidate row to its inlier count (-1: no features) and ``last_results``
         to its full result (``verified``, ``stage``, ``n_matches``, ``reason``, ``matrix``; the inliers' ``points0`` /
-        ``points1`` when ``keep_points`` is set).
+        ``points1`` when ``keep_points`` is set). :meth:`rerank_query` keeps nothing between calls.
         """
+        new, self.last_inliers, self.last_results = self._verify_head(query, ids, top, self.keep_points)
+        return new
+
+    def rerank_query(self, query: Any, ids: np.ndarray, top: int = 100, qvec: Optional[np.ndarray] = None, search=None,
+                     k: Optional[int] = None, exclude: Optional[int] = None, scores: Optional[Dict[int, float]] = None,
+                     keep_points: bool = False) -> Reranked:
+        """Re-rank ``ids`` for one query and answer everything about it (:class:`Reranked`), keeping no per-query state:
+        any number of threads may call it on one re-ranker at once.
+
+        ``query``: an RGB image in the frame :attr:`query_side` gives (its views are made here), or what
+        :meth:`query_item` / :meth:`query_views` gave. With ``qvec`` (its global vector) and ``search`` (the search the
+        shortlist came from), verified query expansion follows as :meth:`expand_verified` (over ``k`` rows, default
+        ``len(ids)``; ``scores`` takes the second search's scores of rows it lacks). A candidate without a verdict of its
+        own is verified by the inlier floor ``min_inliers``.
+        """
+        views = self.query_views(query) if isinstance(query, np.ndarray) else query
+        new, inliers, results = self._verify_head(views, ids, top, keep_points)
+        if qvec is not None and search is not None:
+            new = self.expand_verified(new, qvec, search, len(ids) if k is None else int(k), exclude=exclude, scores=scores,
+                                       results=results)
+        floor = int(self.conf["min_inliers"])
+        verified = {i: bool(results[i]["verified"]) if i in results else n >= floor for i, n in inliers.items()}
+        return Reranked(new, inliers, results, verified)
+
+    def _verify_head(self, query: Any, ids: np.ndarray, top: int, keep_points: bool):
+        """(re-ordered ids, row -> inliers, row -> result) of :meth:`rerank_item`, without touching ``self``'s state."""
         ids = np.asarray(ids)
         head = [int(i) for i in ids[: max(0, int(top))]]
         t = time.perf_counter()
@@ -235,26 +282,25 @@ class Reranker:
         views = query if isinstance(query, QueryViews) else [query]
         best: List[Optional[Dict[str, Any]]] = [None] * len(cands)
         for v in views:
-            res = self._results(v, cands) if cands else []
+            res = self._results(v, cands, keep_points) if cands else []
             for j, r in enumerate(res):
                 if best[j] is None or (r["verified"], r["n_inliers"]) > (best[j]["verified"], best[j]["n_inliers"]):
                     best[j] = r
         scores = np.full(len(head), -1, np.int64)
         inliers = np.full(len(head), -1, np.int64)
-        self.last_results = {}
+        results: Dict[int, Dict[str, Any]] = {}
         for k, r in zip(where, best):
             inliers[k] = r["n_inliers"]
             scores[k] = r["n_inliers"] if r["verified"] else -1
-            self.last_results[head[k]] = r
-        self.last_inliers = {i: int(s) for i, s in zip(head, inliers) if i >= 0}
+            results[head[k]] = r
         self._time("queries", 1)
-        return reorder(ids, scores, 0)
+        return reorder(ids, scores, 0), {i: int(s) for i, s in zip(head, inliers) if i >= 0}, results
 
-    def _results(self, query: Any, cands: List[Any]) -> List[Dict[str, Any]]:
+    def _results(self, query: Any, cands: List[Any], keep_points: bool = False) -> List[Dict[str, Any]]:
         """One result per candidate: the cascade's, or the single matcher's with the verdict of ``conf['verdict']``."""
         if self.cascade is not None:
             before = dict(self.cascade.stats)
-            res = self.cascade.score(query, cands, keep_points=self.keep_points)
+            res = self.cascade.score(query, cands, keep_points=keep_points)
             for k, v in self.cascade.stats.items():
                 self._time(k, v - before.get(k, 0.0))
             return res
@@ -279,21 +325,22 @@ class Reranker:
                     why = {"verified": v.score >= int(self.conf["min_inliers"]), "reason": None}
                 else:
                     why = v.verdict(a, image_size0=qsize if qsize is not None else (query.shape[1], query.shape[0]), rule=rule)
-                out.append(pair_result(v, a, b, len(a), why, 1, self.keep_points))
+                out.append(pair_result(v, a, b, len(a), why, 1, keep_points))
             self._time("fit_s", time.perf_counter() - t)
             self._time("pairs", len(block))
             self._time("fitted", len(block))
         return out
 
     def _time(self, key: str, value: float) -> None:
-        self.timing[key] = self.timing.get(key, 0.0) + value
+        with self._timing_lock:
+            self.timing[key] = self.timing.get(key, 0.0) + value
 
     def rerank(self, entry, ids: np.ndarray, scores: Optional[np.ndarray] = None, top: int = 100) -> np.ndarray:
         """The engine's call: re-order the ranked gallery rows ``ids`` of query ``entry`` (an ``Entry``)."""
         return self.rerank_item(self.query_item(entry), ids, top)
 
     def expand_verified(self, new: np.ndarray, qvec: np.ndarray, search, k: int, exclude: Optional[int] = None,
-                        scores: Optional[Dict[int, float]] = None) -> np.ndarray:
+                        scores: Optional[Dict[int, float]] = None, results: Optional[Dict[int, Dict[str, Any]]] = None) -> np.ndarray:
         """Spatially verified query expansion (Chum et al., ICCV 2007), after :meth:`rerank_item` gave ``new``.
 
         With ``conf['sv_qe']`` (``{"k": K, "weight": W}``): the query's global vector plus W times each of its first K
@@ -302,12 +349,14 @@ class Reranker:
         the front, by inliers as re-ranking put them, and the new
         ranking follows. A query with no verified result keeps ``new``. Returns as many rows as ``new`` (-1 padded).
         ``scores`` (row -> score of the first search), when given, takes the second search's scores of rows it lacks.
+        ``results``: the verdicts of the re-ranking that gave ``new`` (default: the last :meth:`rerank_item`'s).
         """
         conf = self.conf.get("sv_qe")
         new = np.asarray(new, np.int64)
         if not conf or getattr(self.index, "metric", None) != "cosine" or not hasattr(self.index, "descriptor_rows"):
             return new
-        ver = [int(i) for i in new if i >= 0 and (self.last_results.get(int(i)) or {}).get("verified")]
+        results = self.last_results if results is None else results
+        ver = [int(i) for i in new if i >= 0 and (results.get(int(i)) or {}).get("verified")]
         if not ver:
             return new
         use = ver[: int(conf.get("k", 10))]
@@ -332,7 +381,7 @@ class Reranker:
     def rerank_image(self, img: np.ndarray, ids: np.ndarray, scores: Optional[np.ndarray] = None, top: int = 100) -> np.ndarray:
         """Re-order ``ids`` for a query given as an RGB image (e.g. a query cropped to its box), in the frame
         :meth:`query_frame` gives it."""
-        return self.rerank_item(self._query_views(img), ids, top)
+        return self.rerank_item(self.query_views(img), ids, top)
 
     def query_frame(self, img: np.ndarray) -> np.ndarray:
         """``img`` (full resolution) reduced as the gallery's images were for their local features."""
@@ -367,24 +416,21 @@ class Reranker:
                 _, vec = idx.describe_images([decode_image(p, max_side=ext.max_side)])
                 k = min(len(idx), max(int(top_k), int(top)))
                 s, ids = search(vec, k)
-                views = self._query_views(self._image(p))
+                views = self.query_views(self._image(p))
             except CbirError as err:
                 query_failed(failures, p, pos, err)
                 continue
             score_of = {int(i): float(v) for i, v in zip(ids[0], s[0]) if i >= 0}
-            self.keep_points = bool(with_matches)
-            try:
-                new = self.rerank_item(views, ids[0], top=top)
-            finally:
-                self.keep_points = False
-            new = self.expand_verified(new, vec[0], search, k, scores=score_of)
+            rr = self.rerank_query(views, ids[0], top=top, qvec=vec[0], search=search, k=k, scores=score_of,
+                                   keep_points=bool(with_matches))
+            new = rr.ids
             qsize = _frame(views[0] if isinstance(views, QueryViews) else views)
             results = []
             for r, i in enumerate([int(i) for i in new if i >= 0][: int(top_k)]):
                 row = idx.result(i, score_of[i], r + 1)
-                if i in self.last_inliers and self.last_inliers[i] >= 0:
-                    res = self.last_results[i]
-                    row["inliers"] = self.last_inliers[i]
+                if i in rr.inliers and rr.inliers[i] >= 0:
+                    res = rr.results[i]
+                    row["inliers"] = rr.inliers[i]
                     row["verified"] = bool(res["verified"])
                     if with_matches and res["verified"] and "points0" in res:
                         row["match"] = {"points0": np.round(res["points0"], 1).tolist(), "points1": np.round(res["points1"], 1).tolist(),
@@ -468,36 +514,47 @@ class _FeatureCache:
         self.limit = int(cache_mb) << 20
         self.items: "OrderedDict[Any, Any]" = OrderedDict()
         self.bytes = 0
+        self._lock = threading.Lock()  # re-rankers of one index share it, from any number of threads
 
     @staticmethod
     def _size(item: Any) -> int:
         return sum(np.asarray(v).nbytes for v in item.values()) if isinstance(item, dict) else np.asarray(item).nbytes
 
     def get(self, key):
-        item = self.items.get(key)
-        if item is not None:
-            self.items.move_to_end(key)
-        return item
+        with self._lock:
+            item = self.items.get(key)
+            if item is not None:
+                self.items.move_to_end(key)
+            return item
 
     def put(self, key, item):
-        if key in self.items:
-            self.bytes -= self._size(self.items.pop(key))
-        self.items[key] = item
-        self.bytes += self._size(item)
-        while self.bytes > self.limit and len(self.items) > 1:
-            _, old = self.items.popitem(last=False)
-            self.bytes -= self._size(old)
+        size = self._size(item)
+        with self._lock:
+            if key in self.items:
+                self.bytes -= self._size(self.items.pop(key))
+            self.items[key] = item
+            self.bytes += size
+            while self.bytes > self.limit and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= self._size(old)
         return item
 
 
-#: open ``local.h5`` files by (path, size, mtime), each with its feature cache: re-rankers of one index share them
+#: open ``local.h5`` files by (path, size, mtime) -> (the store, its feature cache): re-rankers of one index share them
 _STORES: Dict[Any, Any] = {}
+_STORES_LOCK = threading.Lock()
 #: at most this many stay open (a service with many indexes does not hold every file forever)
 MAX_SHARED_STORES = 8
 
 
 def shared_store(index):
     """``local.h5`` of ``index``, opened (and checked against the manifest) once per file version and process."""
+    return shared_features(index)[0]
+
+
+def shared_features(index, cache_mb: int = 256):
+    """``(store, feature cache)`` of ``index``'s ``local.h5``: opened (and checked against the manifest) once per file
+    version and process, the cache (its size set by the first re-ranker, ``cache_mb``) shared with it."""
     from .store import LocalFeatureStore
 
     path = Path(index.folder) / "local.h5"
@@ -506,25 +563,19 @@ def shared_store(index):
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     except OSError:
         key = None
-    if key is not None and key in _STORES:
-        return _STORES[key]
-    store = index.open_local() if hasattr(index, "open_local") else LocalFeatureStore(path, mode="r")
-    if key is not None:
-        # an older version of the same file, and the least recently opened beyond MAX_SHARED_STORES, leave the cache
-        # (re-rankers still holding one keep using it; h5py closes a file when its last user goes)
-        stale = [k for k in _STORES if k[0] == key[0]] + list(_STORES)[: max(0, len(_STORES) - MAX_SHARED_STORES + 1)]
-        for k in dict.fromkeys(stale):
-            _STORES.pop(k, None)
-        _STORES[key] = store
-    return store
-
-
-def _feature_cache(store, conf) -> _FeatureCache:
-    cache = getattr(store, "_cbir_cache", None)
-    if cache is None:
-        cache = _FeatureCache(int(conf["cache_mb"]))
-        store._cbir_cache = cache
-    return cache
+    with _STORES_LOCK:
+        if key is not None and key in _STORES:
+            return _STORES[key]
+        store = index.open_local() if hasattr(index, "open_local") else LocalFeatureStore(path, mode="r")
+        pair = (store, _FeatureCache(int(cache_mb)))
+        if key is not None:
+            # an older version of the same file, and the least recently opened beyond MAX_SHARED_STORES, leave the cache
+            # (re-rankers still holding one keep using it; h5py closes a file when its last user goes)
+            stale = [k for k in _STORES if k[0] == key[0]] + list(_STORES)[: max(0, len(_STORES) - MAX_SHARED_STORES + 1)]
+            for k in dict.fromkeys(stale):
+                _STORES.pop(k, None)
+            _STORES[key] = pair
+        return pair
 
 
 def _detector_free(name: str) -> bool:

@@ -1,7 +1,7 @@
 """What the service keeps warm between requests: opened indexes (swapped when their folder is replaced) and the
 batcher that runs queries of concurrent requests through the extractor together.
 
-Nothing here knows HTTP: :mod:`cbir.serve.app` turns :class:`Busy` into 503, :class:`TimedOut` into 504 and
+Nothing here knows HTTP: :mod:`cbir.serve.errors` turns :class:`Busy` into 503, :class:`TimedOut` into 504 and
 :class:`~cbir.errors.CbirError` into 4xx JSON.
 """
 
@@ -103,8 +103,9 @@ class Loaded:
         self.stamp = stamp
         self.loaded_at = time.time()
         self.thumbs = LRUBytes(thumb_cache_bytes)
-        self._rerankers: Dict[str, Tuple[Any, threading.Lock]] = {}
+        self._rerankers: Dict[str, Any] = {}
         self._searchers: Dict[str, Any] = {}
+        self._memo: Dict[Any, Any] = {}
         self._lock = threading.Lock()
 
     @property
@@ -131,16 +132,26 @@ class Loaded:
             return hit
 
     def reranker(self, matcher: str):
-        """``(Reranker, lock)`` for ``matcher``, built once per index version (the matcher's models are loaded once);
-        a Reranker keeps per-query state, so its users hold the lock."""
+        """The :class:`~cbir.local.rerank.Reranker` for ``matcher``, built once per index version (the matcher's models
+        are loaded once); its :meth:`~cbir.local.rerank.Reranker.rerank_query` keeps no per-query state, so any number
+        of requests use it at once."""
         with self._lock:
             hit = self._rerankers.get(matcher)
             if hit is None:
                 from ..local.rerank import Reranker
 
-                hit = (Reranker(self.index, matcher), threading.Lock())
-                self._rerankers[matcher] = hit
+                hit = self._rerankers[matcher] = Reranker(self.index, matcher)
             return hit
+
+    def memo(self, key, make: Callable[[], Any]) -> Any:
+        """``make()`` once per index version and ``key`` (e.g. a duplicates report), kept for the next requests."""
+        with self._lock:
+            hit = self._memo.get(key)
+        if hit is None:
+            hit = make()
+            with self._lock:
+                self._memo[key] = hit
+        return hit
 
 
 def open_index(name: str, folder: Path, previous: Optional[Loaded] = None, warm: bool = True) -> Loaded:
@@ -150,11 +161,8 @@ def open_index(name: str, folder: Path, previous: Optional[Loaded] = None, warm:
 
     stamp = _stamp(folder)
     idx = load_index(folder)
-    if previous is not None and getattr(idx, "_extractor", "absent") is None:
-        old, new = previous.manifest.get("extractor") or {}, idx.manifest.get("extractor") or {}
-        if old.get("key") and old.get("key") == new.get("key") and old.get("weights") == new.get("weights") \
-                and previous.manifest.get("dim") == idx.manifest.get("dim"):
-            idx._extractor = previous.index.extractor  # the same extractor exactly (Index builds it lazily otherwise)
+    if previous is not None:
+        idx.adopt_extractor(previous.index)  # the same extractor exactly (Index builds it lazily otherwise)
     ext = idx.extractor  # builds the models now, not in the first request
     if warm:
         try:  # the first forward pass of a network is slower: pay it at start-up
@@ -174,7 +182,7 @@ def open_index(name: str, folder: Path, previous: Optional[Loaded] = None, warm:
 
 def _close_files(loaded: Loaded) -> None:
     """Close the HDF5 files an opened version reads lazily (descriptors, codes)."""
-    from ..index.store import LazyRows
+    from ..index.rows import LazyRows
 
     for v in list(vars(loaded.index).values()):
         if isinstance(v, LazyRows):
@@ -217,7 +225,7 @@ class IndexSlot:
         with self._lock:
             stamp = _stamp(self.folder)
             if stamp is None:  # the folder is being replaced, or an update died between its two renames
-                from ..index.store import recover
+                from ..index.folder import recover
 
                 try:
                     recover(self.folder, wait_s=0)
