@@ -73,7 +73,7 @@ def _gallery(n: int):
 
 def bench_pooled(repeats: int) -> dict:
     from cbir.extractors.pooled import PooledExtractor
-    from cbir.export.onnx import pooled_identity, pooled_spec
+    from cbir.export.models.pooled import pooled_identity, pooled_spec
     from cbir.export.runtime import cached_model
 
     ds, imgs = _gallery(8)

@@ -6,7 +6,7 @@ and matchers ask for them without importing this floor. An index built with one 
 (the descriptors agree to float tolerance, see the README's "ONNX" section).
 
 With ``onnx``, a component asks :func:`cached_session` for the session of its model: the first use exports the model
-(see :mod:`cbir.export.onnx`) into the cache folder ``$CBIR_ONNX_CACHE`` (default ``~/.cache/cbir/onnx``) under a key
+(see :mod:`cbir.export.models`) into the cache folder ``$CBIR_ONNX_CACHE`` (default ``~/.cache/cbir/onnx``) under a key
 made of the model identity (architecture, options baked into the graph, sha256 of the weights) and the versions of
 cbir's wrappers, torch and kornia; later uses, in any process, load that file. Sessions run on the CPU provider with
 torch's thread count and without spinning idle threads (the ``OMP_WAIT_POLICY=PASSIVE`` of the torch path).
@@ -42,7 +42,8 @@ def cache_dir() -> Path:
 
 
 #: cbir's source files whose code is traced into the graphs (wrappers, backbones, pooling); their bytes are in the key
-_TRACED_SOURCES = ("export/onnx.py", "extractors/pooled.py", "models/*.py")
+_TRACED_SOURCES = ("export/patches.py", "export/spec.py", "export/write.py", "export/models/*.py", "extractors/pooled.py",
+                   "models/*.py")
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,7 +65,7 @@ def cache_key(identity: Dict[str, Any]) -> str:
     import torch
 
     from .. import __version__
-    from .onnx import EXPORT_FORMAT, OPSET
+    from .spec import EXPORT_FORMAT, OPSET
 
     full = {"identity": identity, "format": EXPORT_FORMAT, "opset": OPSET, "cbir": __version__, "torch": torch.__version__,
             "kornia": kornia.__version__, "code": code_fingerprint()}
@@ -73,7 +74,7 @@ def cache_key(identity: Dict[str, Any]) -> str:
 
 def cached_model(identity: Dict[str, Any], make_spec: Callable[[], Any]) -> Path:
     """Path of the cached export of the model ``identity`` names; exported with ``make_spec()`` when absent."""
-    from .onnx import safe_name, write_onnx
+    from .write import safe_name, write_onnx
 
     path = cache_dir() / f"{safe_name(str(identity.get('model', 'model')))}-{cache_key(identity)}.onnx"
     if not path.is_file():
@@ -102,9 +103,9 @@ def pooled_extract(ext, images: List[np.ndarray]) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    from ..extractors.base import l2n
+    from ..vectors import l2n
     from ..extractors.batching import images_to_batches, resize_to
-    from .onnx import pooled_identity, pooled_spec
+    from .models.pooled import pooled_identity, pooled_spec
 
     if ext.conf.get("weighting"):
         raise CbirError("pooled: foreground weighting (class maps) runs in torch only; drop --runtime onnx")
@@ -130,7 +131,8 @@ def xfeat_detect(ext, x) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from .onnx import local_identity, xfeat_spec
+    from .models.local import local_identity
+    from .models.xfeat import xfeat_spec
 
     H, W = x.shape[-2:]
     if H < 32 or W < 32:  # kornia pads those up to 32; not worth a graph
@@ -159,7 +161,8 @@ def aliked_detect(ext, x):
     import torch
     from kornia.feature.aliked.aliked import ALIKEDFeatures
 
-    from .onnx import aliked_spec, local_identity
+    from .models.aliked import aliked_spec
+    from .models.local import local_identity
 
     sess = cached_session(local_identity(ext), lambda: aliked_spec(ext))
     net = ext.net
@@ -177,7 +180,8 @@ def disk_detect(ext, x, n: Optional[int], window_size: int, score_threshold: flo
     import torch
     from kornia.feature.disk.detector import heatmap_to_keypoints
 
-    from .onnx import disk_spec, local_identity
+    from .models.disk import disk_spec
+    from .models.local import local_identity
 
     sess = cached_session(local_identity(ext), lambda: disk_spec(ext))
     with torch.inference_mode():
@@ -191,7 +195,7 @@ def disk_detect(ext, x, n: Optional[int], window_size: int, score_threshold: flo
 
 def lightglue_match(matcher, data: Dict[str, Dict[str, Any]]):
     """``(matches (K, 2) int64, scores (K,))`` of LightGlue's fixed graph (no adaptive depth or width)."""
-    from .onnx import lightglue_identity, lightglue_spec
+    from .models.lightglue import lightglue_identity, lightglue_spec
 
     sess = cached_session(lightglue_identity(matcher), lambda: lightglue_spec(matcher))
     d0, d1 = data["image0"], data["image1"]
@@ -202,7 +206,7 @@ def lightglue_match(matcher, data: Dict[str, Dict[str, Any]]):
 
 def loftr_match(matcher, image0, image1) -> Dict[str, np.ndarray]:
     """kornia LoFTR's ``keypoints0``, ``keypoints1``, ``confidence`` of grey ``(1, 1, H, W)`` tensors, from onnxruntime."""
-    from .onnx import loftr_identity, loftr_spec
+    from .models.loftr import loftr_identity, loftr_spec
 
     c = matcher.conf
     ident = loftr_identity(matcher.net, c["variant"], c["match_threshold"], c["border_rm"], matcher.weights_path)

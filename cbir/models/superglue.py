@@ -171,6 +171,22 @@ class SuperGlue(nn.Module):
                 kpts0.new_zeros((b, m)),
                 kpts1.new_zeros((b, n)),
             )
+        return self.match(kpts0, kpts1, desc0, desc1, scores0, scores1, size0, size1)
+
+    def match(
+        self,
+        kpts0: torch.Tensor,
+        kpts1: torch.Tensor,
+        desc0: torch.Tensor,
+        desc1: torch.Tensor,
+        scores0: torch.Tensor,
+        scores1: torch.Tensor,
+        size0: torch.Tensor,
+        size1: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on keypoint sets that are not empty: keypoint encoding, the attentional GNN, Sinkhorn with
+        a dustbin, mutual matches above ``match_threshold``. Tensors only and no branch on a size, so the ONNX export
+        (:mod:`cbir.export.models.spsg`) traces this very code; ``forward`` adds the empty case."""
         d0 = desc0.transpose(1, 2) + self.kenc(normalize_keypoints(kpts0, size0), scores0)
         d1 = desc1.transpose(1, 2) + self.kenc(normalize_keypoints(kpts1, size1), scores1)
         d0, d1 = self.gnn(d0, d1)
@@ -216,10 +232,16 @@ class SPSG(nn.Module):
         size0 = torch.tensor([[x1.shape[-1], x1.shape[-2]]], dtype=k0.dtype, device=k0.device)
         size1 = torch.tensor([[x2.shape[-1], x2.shape[-2]]], dtype=k1.dtype, device=k1.device)
         m0, _, ms0, _ = self.superglue(k0, k1, d0, d1, s0, s1, size0, size1)
-        valid = torch.nonzero(m0[0] > -1).reshape(-1)
-        mkpts0 = k0[0].index_select(0, valid)
-        mkpts1 = k1[0].index_select(0, m0[0].index_select(0, valid))
-        return mkpts0, mkpts1, ms0[0].index_select(0, valid)
+        return matched_points(k0, k1, m0, ms0)
+
+
+def matched_points(kpts0: torch.Tensor, kpts1: torch.Tensor, matches0: torch.Tensor,
+                   mscores0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matched keypoints of the first pair of a batch: ``(K, 2)`` of each image and the ``(K,)`` match scores,
+    from :meth:`SuperGlue.forward`'s ``matches0`` and ``mscores0`` (used by :class:`SPSG` and its ONNX export)."""
+    valid = torch.nonzero(matches0[0] > -1)[:, 0]
+    return (kpts0[0].index_select(0, valid), kpts1[0].index_select(0, matches0[0].index_select(0, valid)),
+            mscores0[0].index_select(0, valid))
 
 
 def load_superglue(path: Optional[os.PathLike] = None, weights: str = "outdoor", conf: Optional[Dict[str, Any]] = None) -> SuperGlue:

@@ -4,7 +4,7 @@ on synthetic ones everywhere.
 Bounds are relative to what is compared (tests/helpers.py), each with where it comes from. Measured here (AMD EPYC,
 onnxruntime 1.32, torch 2.13, 1-4 threads alike): pooled descriptors <= 5.3e-6 relative to their norm, local
 descriptors <= 1.9e-5, detection scores <= 3.1e-5 of their largest. Before cbir's graphs took their spatial means in
-float64 (cbir/export/onnx.py, ``_instance_norm_forward``), onnxruntime's float32 ReduceMean put XFeat's pooled
+float64 (cbir/export/patches.py, ``_instance_norm_forward``), onnxruntime's float32 ReduceMean put XFeat's pooled
 descriptor 4.3e-4 (max abs 1.32e-4) from torch on the synthetic images, and DISK's descriptors 2.9e-4.
 """
 
@@ -179,7 +179,8 @@ def test_onnx_means_are_accurate_on_flat_images(tmp_path):
     whole image drift by ~1e-4 relative on images with flat regions. cbir's graphs take those means in float64."""
     import torch.nn.functional as F
 
-    from cbir.export.onnx import ExportSpec, _pool_f64, trace_safe, write_onnx
+    from cbir.export.models.pooled import pool_f64
+    from cbir.export.onnx import ExportSpec, trace_safe, write_onnx
     from cbir.export.runtime import Session
     from cbir.extractors.pooled import pool_map
 
@@ -190,7 +191,7 @@ def test_onnx_means_are_accurate_on_flat_images(tmp_path):
 
         def forward(self, x):  # XFeat's input norm, then a GeM over the full-resolution map (ALIKED's block1)
             y = self.norm(x)
-            return y, _pool_f64(y, "gem", 3.0).to(torch.float32)
+            return y, pool_f64(y, "gem", 3.0).to(torch.float32)
 
     x = torch.from_numpy(textured(2, 224, 320).astype(np.float32) / 255).permute(2, 0, 1).mean(0)[None, None].contiguous()
     net = Net().eval()
@@ -210,7 +211,7 @@ def test_onnx_means_are_accurate_on_flat_images(tmp_path):
 
 def test_onnx_cache_key_names_every_option_of_the_graph(monkeypatch):
     from cbir.export import runtime
-    from cbir.export.onnx import pooled_identity
+    from cbir.export.models.pooled import pooled_identity
     from cbir.extractors.pooled import PooledExtractor
 
     def key(**conf):
@@ -226,7 +227,7 @@ def test_onnx_cache_key_names_every_option_of_the_graph(monkeypatch):
 
 def test_onnx_refuses_what_it_cannot_export():
     from cbir.errors import CbirError
-    from cbir.export.onnx import pooled_graph
+    from cbir.export.models.pooled import pooled_graph
     from cbir.export.runtime import resolve_runtime
     from cbir.extractors.pooled import PooledExtractor
 
