@@ -33,7 +33,7 @@ def register(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None
     s = sub.add_parser(
         "serve", help="serve searches over HTTP (JSON API + a web page), models and index kept warm",
         description="A FastAPI service: POST /search (an uploaded image), GET /search/similar/NAME, GET /images/NAME, "
-        "GET /thumbs/NAME, POST /match, GET /health, GET /info, and with --allow-write POST /images, DELETE /images/NAME. "
+        "GET /thumbs/NAME, GET /sample, POST /match, GET /health, GET /info, and with --allow-write POST /images, DELETE /images/NAME. "
         "The page is at /, the OpenAPI docs at /docs. An index folder that is replaced (rebuild, `cbir index add`) is "
         "reloaded between requests.")
     s.add_argument("--index", action="append", required=True, metavar="[NAME=]DIR",

@@ -692,3 +692,16 @@ def test_slow_upload_is_408_and_slow_work_is_504(gallery, monkeypatch):
             release.set()
     finally:
         srv.join()
+
+
+def test_sample_spreads_over_the_gallery(client):
+    """GET /sample: what the empty page shows, rows spread evenly over the index, each with its thumbnail URL."""
+    r = client.get("/sample?n=4")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    names = [x["name"] for x in body["images"]]
+    assert body["count"] == GROUPS * 3 and len(names) == 4 and len(set(names)) == 4
+    assert {x["label"] for x in body["images"]} == {f"group{g}" for g in range(GROUPS)}  # 4 of 12 rows in group order: one a group
+    assert all(x["thumb"] == "/thumbs/" + x["name"] and "path" not in x for x in body["images"])
+    assert len(client.get("/sample?n=200").json()["images"]) == GROUPS * 3
+    _err(client.get("/sample?n=0"), 422)

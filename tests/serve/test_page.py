@@ -123,3 +123,43 @@ def test_duplicates_view_of_the_page(live_server, browser, monkeypatch, tmp_path
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_the_empty_page_shows_a_sample_of_the_gallery_and_no_broken_image(live_server, browser):
+    """Before any query: no query image (broken or not) is shown, a sample of the gallery is, every thumbnail loads;
+    clicking one searches "more like this" with it."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(live_server.url + "/sample?n=24", timeout=60) as r:
+        want = json.load(r)
+    assert want["count"] == 12 and len(want["images"]) == 12  # a gallery smaller than the sample: all of it
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(live_server.url + "/", timeout=30_000)
+        page.wait_for_selector("#sample-grid figure", timeout=30_000)
+        assert not page.locator("#query-img").is_visible() and not page.locator("#query-panel").is_visible()
+        picks = page.locator("#sample-grid figure")
+        assert picks.count() == len(want["images"])
+        assert [picks.nth(i).get_attribute("data-name") for i in range(picks.count())] == [x["name"] for x in want["images"]]
+        # every image shown on the page has loaded (none broken): the visible ones are the sample's thumbnails
+        page.wait_for_function("() => [...document.querySelectorAll('img')].filter(i => i.offsetParent !== null)"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        assert page.locator("img:visible").count() == len(want["images"])
+        assert "click one" in page.locator("#sample-caption").inner_text()
+
+        name = picks.nth(4).get_attribute("data-name")
+        picks.nth(4).locator("img").click()
+        page.wait_for_function(f"() => document.getElementById('query-caption').textContent.startsWith({name!r})", timeout=30_000)
+        page.wait_for_selector("#results .result", timeout=30_000)
+        assert not page.locator("#sample").is_visible()
+        page.wait_for_function("() => { const q = document.getElementById('query-img'); return q.complete && q.naturalWidth > 0; }",
+                               timeout=30_000)
+        label = next(x["label"] for x in want["images"] if x["name"] == name)
+        names = page.locator("#results .result").evaluate_all("cs => cs.map(c => c.dataset.name)")
+        assert name not in names and page.locator("#results .result .label").first.inner_text() == label
+    finally:
+        page.close()
+    assert not errors, errors

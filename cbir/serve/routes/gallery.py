@@ -11,6 +11,7 @@ import threading
 from typing import Optional
 from urllib.parse import quote
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.responses import FileResponse
@@ -78,6 +79,18 @@ def _find_duplicates(loaded, threshold, verify, keep):
     from ...duplicates import find_duplicates
 
     return find_duplicates(index=loaded.index, threshold=threshold, verify=verify, keep=keep, progress=False)
+
+
+@router.get("/sample", summary="a few gallery images spread over the whole index (what the page shows before a query)")
+def sample(service: ServiceDep, loaded: LoadedDep, n: int = Query(24, ge=1, le=200, description="how many")):
+    idx = loaded.index
+    count = len(idx)
+    rows = sorted({int(r) for r in np.linspace(0, count - 1, min(n, count)).round()}) if count else []
+    images = []
+    for r in rows:
+        res = idx.result(r, 0.0, 0)
+        images.append({"name": res["name"], "label": res["label"], "label_name": res["label_name"], **service.urls(loaded, res["name"])})
+    return {"index": loaded.name, "count": count, "images": images}
 
 
 def need_write(request: Request) -> None:

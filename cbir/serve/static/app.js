@@ -60,6 +60,7 @@ async function loadInfo() {
     sel.parentElement.hidden = Object.keys(info.indexes).length < 2;
     showIndex();
     $("auth").hidden = true;
+    showSample();
   } catch (e) {
     setError(e.message);
   }
@@ -85,9 +86,40 @@ function showIndex() {
 }
 
 function showQuery(src, caption) {
+  $("sample").hidden = true;
   $("query-panel").hidden = false;
   $("query-img").src = src;
+  $("query-img").hidden = false;
   $("query-caption").textContent = caption;
+}
+
+// before the first query: a sample of the gallery (GET /sample), each thumbnail a "more like this"
+async function showSample() {
+  if (state.file || state.queryName) return;
+  try {
+    const res = await api(`/sample?n=24${indexParam("&")}`);
+    if (state.file || state.queryName) return;  // a query started meanwhile
+    const grid = $("sample-grid");
+    grid.replaceChildren();
+    for (const r of res.images) {
+      const fig = document.createElement("figure");
+      fig.className = "pick";
+      fig.dataset.name = r.name;
+      const img = document.createElement("img");
+      img.src = r.thumb; img.alt = r.name; img.loading = "lazy"; img.title = `more like this: ${r.name}`;
+      img.addEventListener("click", () => similar(r));
+      const cap = document.createElement("figcaption");
+      cap.textContent = r.label_name || r.label || r.name;
+      fig.append(img, cap);
+      grid.appendChild(fig);
+    }
+    $("sample-caption").textContent = res.images.length
+      ? `${res.images.length} of the ${res.count} images of ${res.index}: click one for more like it`
+      : `${res.index} holds no images yet`;
+    $("sample").hidden = false;
+  } catch (e) {
+    setError(e.message);
+  }
 }
 
 function pickFile(file) {
@@ -242,7 +274,7 @@ function init() {
   for (const t of ["dragenter", "dragover"]) drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.add("over"); });
   for (const t of ["dragleave", "drop"]) drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.remove("over"); });
   drop.addEventListener("drop", (ev) => pickFile(ev.dataTransfer.files[0]));
-  $("index").addEventListener("change", (ev) => { state.index = ev.target.value; showIndex(); search(); });
+  $("index").addEventListener("change", (ev) => { state.index = ev.target.value; showIndex(); search(); showSample(); });
   for (const id of ["label", "rerank", "graph"]) $(id).addEventListener("change", search);
   $("dups-button").addEventListener("click", () => showDuplicates(0));
   $("dups-more").addEventListener("click", () => showDuplicates(state.dupsNext || 0));
