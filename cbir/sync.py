@@ -23,9 +23,13 @@ import numpy as np
 from .data import Entry, file_stat
 from .errors import CbirError
 from .folders import FolderScan, scan_folder
-from .index import store
+from .index.atomic import write_json_atomic
+from .index.folder import commit_folder, fresh_folder, locked_update, read_manifest
+from .index.manifest import FEATURES, MANIFEST, now_iso, write_manifest
+from .index.rows import read_rows, str_dtype, write_arrays
+from .index.verify import file_sha256
 from .progress import bar as _progress, log as _log
-from .update import _locked_update, add_images, remove_images
+from .update import add_images, remove_images
 
 PathLike = Union[str, os.PathLike]
 
@@ -64,7 +68,7 @@ def read_content(folder: PathLike) -> Dict[str, Tuple[str, int, float]]:
     p = Path(folder) / CONTENT_FILE
     if not p.is_file():
         return {}
-    rows, _ = store.read_rows(p)
+    rows, _ = read_rows(p)
     return {str(n): (str(h), int(s), float(t)) for n, h, s, t in zip(rows["names"], rows["sha256"], rows["file_size"], rows["file_mtime"])}
 
 
@@ -74,10 +78,10 @@ def write_content(folder: PathLike, content: Dict[str, Tuple[str, int, float]]) 
     folder = Path(folder)
 
     def run(work: Path) -> None:
-        m = store.read_manifest(folder)
-        commit = store.fresh_folder(work / "commit")
+        m = read_manifest(folder)
+        commit = fresh_folder(work / "commit")
         for p in sorted(folder.iterdir()):
-            if not p.is_file() or p.name in (store.MANIFEST, CONTENT_FILE):
+            if not p.is_file() or p.name in (MANIFEST, CONTENT_FILE):
                 continue
             try:
                 os.link(p, commit / p.name)
@@ -86,16 +90,15 @@ def write_content(folder: PathLike, content: Dict[str, Tuple[str, int, float]]) 
 
                 shutil.copy2(p, commit / p.name)
         names = sorted(content)
-        str_dt = store._str_dtype()
-        store.write_arrays(commit / CONTENT_FILE, {
+        str_dt = str_dtype()
+        write_arrays(commit / CONTENT_FILE, {
             "names": np.array(names, dtype=object).astype(str_dt), "sha256": np.array([content[n][0] for n in names], dtype=object).astype(str_dt),
             "file_size": np.array([content[n][1] for n in names], np.int64), "file_mtime": np.array([content[n][2] for n in names], np.float64)})
-        files = {k: v for k, v in (m.get("files") or {}).items() if k != CONTENT_FILE}
-        files[CONTENT_FILE] = store.file_record(commit / CONTENT_FILE)
-        store.write_json_atomic({**m, "files": files}, commit / store.MANIFEST)
-        store.commit_folder(commit, folder)
+        known = {k: v for k, v in (m.get("files") or {}).items() if k != CONTENT_FILE}  # hard links: the same bytes
+        write_manifest(commit, {}, base=m, known=known)
+        commit_folder(commit, folder)
 
-    _locked_update(folder, run)
+    locked_update(folder, run)
 
 
 def hash_files(entries: Sequence[Entry], progress: bool = True, desc: str = "content hashes") -> Dict[str, Tuple[str, int, float]]:
@@ -105,7 +108,7 @@ def hash_files(entries: Sequence[Entry], progress: bool = True, desc: str = "con
     for e in entries:
         size, mtime = file_stat(e.path)
         try:
-            out[e.name] = (store.file_sha256(e.path), size, mtime)
+            out[e.name] = (file_sha256(e.path), size, mtime)
         except OSError as err:
             _log(f"warning: {e.path}: cannot read ({err.strerror})", pb)
         pb.update()
@@ -121,8 +124,8 @@ def _journal(index: Path) -> Path:
 
 
 def _gallery_rows(index: Path) -> Tuple[dict, List[str], np.ndarray, np.ndarray]:
-    m = store.read_manifest(index)
-    rows, _ = store.read_rows(index / store.FEATURES, lazy=("descriptors", "codes", "raw"))
+    m = read_manifest(index)
+    rows, _ = read_rows(index / FEATURES, lazy=("descriptors", "codes", "raw"))
     return m, [str(n) for n in rows["names"]], np.asarray(rows["file_size"], np.int64), np.asarray(rows["file_mtime"], np.float64)
 
 
@@ -201,7 +204,7 @@ def sync_index(index: PathLike, folder: Optional[PathLike] = None, labels: Optio
 
     work_needed = bool(gone or changed or new)
     if work_needed:
-        store.write_json_atomic({"folder": str(scan.root), "changed": rep.changed, "started": store.now_iso()}, journal)
+        write_json_atomic({"folder": str(scan.root), "changed": rep.changed, "started": now_iso()}, journal)
     if gone or changed:
         remove_images(index, gone + [e.name for e in changed], log=lambda msg: None)
     to_add = new + changed
@@ -237,7 +240,7 @@ def sync_index(index: PathLike, folder: Optional[PathLike] = None, labels: Optio
             journal.unlink()
         except OSError:
             pass
-    rep.count = int(store.read_manifest(index)["count"])
+    rep.count = int(read_manifest(index)["count"])
     rep.seconds = round(time.time() - t0, 3)
     return rep
 

@@ -109,5 +109,6 @@ def test_nothing_below_the_engine_imports_it_or_the_cli():
 
 def test_the_index_folder_layer_is_self_contained():
     graph = _graph()
-    for m in ("cbir.index.store", "cbir.index.faiss_index", "cbir.index.backend", "cbir.index.gallery"):
+    for m in ("cbir.index.atomic", "cbir.index.rows", "cbir.index.manifest", "cbir.index.folder", "cbir.index.verify",
+              "cbir.index.store", "cbir.index.faiss_index", "cbir.index.backend", "cbir.index.gallery"):
         assert all(t.startswith("cbir.index") or t in ("cbir.errors",) for t in graph[m]), (m, graph[m])

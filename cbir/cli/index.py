@@ -108,7 +108,7 @@ def cmd_index_verify(a) -> int:
 
 def cmd_index_info(a) -> int:
     from ..index.backend import index_summary
-    from ..index.store import read_manifest
+    from ..index.folder import read_manifest
 
     m = read_manifest(a.index)
     info = index_summary(m, a.index)

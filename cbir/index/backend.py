@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import CbirError
 from .faiss_index import _Base, l2_normalise
-from .store import write_faiss
+from .atomic import write_faiss
 
 CODECS = ("float32", "float16", "sq8", "pq")
 ANNS = ("flat", "hnsw", "ivf")

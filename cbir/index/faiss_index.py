@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..errors import CbirError, IndexMismatch
-from .store import write_faiss
+from .atomic import write_faiss
 
 #: Upper bound on the bytes of one chunk's (queries x k) results.
 CHUNK_BYTES = 256 * 1024 * 1024

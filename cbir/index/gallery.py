@@ -1,6 +1,6 @@
 """An index folder opened for search: manifest, row metadata, stored vectors and the search backend.
 
-This is the index floor's read side: it knows the folder's layout (:mod:`cbir.index.store`) and the backends
+This is the index floor's read side: it knows the folder's layout (:mod:`cbir.index.manifest`, :mod:`cbir.index.rows`) and the backends
 (:mod:`cbir.index.backend`), not the extractors. :class:`cbir.query.Index` adds the extractor that describes queries.
 """
 
@@ -13,7 +13,10 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import CbirError, IndexMismatch
-from . import store
+from .folder import read_manifest
+from .manifest import FEATURES, MANIFEST
+from .rows import read_rows
+from .verify import damaged, open_checked, verify_file
 from .backend import FaissBackend, SearchSpec
 from .faiss_index import CosineIndex, HammingIndex
 
@@ -27,43 +30,43 @@ class Gallery:
         """Open ``folder``; every file is checked against the manifest's size and SHA-256 first (``verify``),
         so a damaged index is a one-line error naming the file, never silently wrong rankings."""
         self.folder = Path(folder)
-        self.manifest = m = store.read_manifest(self.folder)
+        self.manifest = m = read_manifest(self.folder)
         self._paths_resolved: Optional[Dict[str, int]] = None
         self.metric = m["metric"]
-        rows = store.open_checked(self.folder, store.FEATURES, m, lambda p: store.read_rows(p, lazy=("descriptors", "codes", "raw"))[0], verify)
+        rows = open_checked(self.folder, FEATURES, m, lambda p: read_rows(p, lazy=("descriptors", "codes", "raw"))[0], verify)
         n = m["count"]
         width = m["code_bits"] // 8 if self.metric == "hamming" else m["dim"]
         for key, shape in (("names", (n,)), ("paths", (n,)), ("labels", (n,)), ("descriptors", (n, m["dim"])),
                            *((("codes", (n, width)),) if self.metric == "hamming" else ())):
             got = getattr(rows.get(key), "shape", None)
             if got != shape:
-                raise store.damaged(self.folder, store.FEATURES, f"dataset {key!r} has shape {got}, the manifest implies {shape}", m)
+                raise damaged(self.folder, FEATURES, f"dataset {key!r} has shape {got}, the manifest implies {shape}", m)
         self.names: np.ndarray = rows["names"]
         self.paths: np.ndarray = rows["paths"]
         self.labels: np.ndarray = np.array([l if l != "" else None for l in rows["labels"]], dtype=object)
-        self._descriptors = rows["descriptors"]  # store.LazyRows: read when used (see there)
+        self._descriptors = rows["descriptors"]  # rows.LazyRows: read when used (see there)
         self._codes = rows.get("codes")
         self.ids: np.ndarray = np.asarray(rows["ids"], np.int64) if "ids" in rows else np.arange(n, dtype=np.int64)
         if len(self.ids) != n or (n > 1 and not (np.diff(self.ids) > 0).all()):
-            raise store.damaged(self.folder, store.FEATURES, "image ids are not one increasing id per row", m)
+            raise damaged(self.folder, FEATURES, "image ids are not one increasing id per row", m)
         if "search" in m:
             try:
                 spec = SearchSpec.from_json(m["search"])
             except (CbirError, TypeError, ValueError) as e:
-                raise store.damaged(self.folder, store.MANIFEST, f"invalid search spec: {e}", m) from None
+                raise damaged(self.folder, MANIFEST, f"invalid search spec: {e}", m) from None
             if m.get("store"):  # vectors in a Milvus collection; the folder holds its pointer file
                 from .milvus import MilvusBackend
 
-                store.verify_file(self.folder, m["faiss"], m, full=verify)
+                verify_file(self.folder, m["faiss"], m, full=verify)
                 self.index = MilvusBackend.open(self.folder / m["faiss"], spec)  # a server or lock problem says so itself
             else:
-                self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: FaissBackend.open(p, spec, mmap=mmap), verify)
+                self.index = open_checked(self.folder, m["faiss"], m, lambda p: FaissBackend.open(p, spec, mmap=mmap), verify)
         elif self.metric == "hamming":  # an index written before ids and codecs (flat, row = id)
-            self.index = store.open_checked(self.folder, m["faiss"], m, HammingIndex.load, verify)
+            self.index = open_checked(self.folder, m["faiss"], m, HammingIndex.load, verify)
         else:
-            self.index = store.open_checked(self.folder, m["faiss"], m, lambda p: CosineIndex.load(p, ann=m["ann"]), verify)
+            self.index = open_checked(self.folder, m["faiss"], m, lambda p: CosineIndex.load(p, ann=m["ann"]), verify)
         if self.index.ntotal != n or self.index.dim != (m["code_bits"] if self.metric == "hamming" else m["dim"]):
-            raise store.damaged(self.folder, m["faiss"], f"holds {self.index.ntotal} vectors of dimension {self.index.dim}, "
+            raise damaged(self.folder, m["faiss"], f"holds {self.index.ntotal} vectors of dimension {self.index.dim}, "
                                 f"the manifest {n} of {m['code_bits'] if self.metric == 'hamming' else m['dim']}", m)
         self._verify = verify
         self._pos = {n: i for i, n in enumerate(self.names)}
@@ -125,7 +128,7 @@ class Gallery:
         rec = self.manifest.get("knn")
         if not isinstance(rec, dict) or int(rec.get("k") or 0) < int(k):
             return None
-        nbr, sims = store.open_checked(self.folder, knn.GRAPH_FILE, self.manifest, lambda p: knn.read(p, len(self)), self._verify)
+        nbr, sims = open_checked(self.folder, knn.GRAPH_FILE, self.manifest, lambda p: knn.read(p, len(self)), self._verify)
         return knn.as_rows(nbr, sims, self.ids)
 
     def searcher(self, expand: Any = "index"):

@@ -59,14 +59,14 @@ def compute(vectors, ids: np.ndarray, search: SearchIds, k: int, progress=None) 
 
 
 def write(path: os.PathLike, nbr: np.ndarray, sims: np.ndarray) -> None:
-    from .store import write_arrays
+    from .rows import write_arrays
 
     write_arrays(path, {"ids": np.asarray(nbr, np.int64), "sims": np.asarray(sims, np.float32)}, attrs={"k": int(nbr.shape[1])})
 
 
 def read(path: os.PathLike, n: int) -> Tuple[np.ndarray, np.ndarray]:
     """(nbr_ids, sims) of a knn.h5 that must hold ``n`` rows (checked: a damaged file is named, never used)."""
-    from .store import read_rows
+    from .rows import read_rows
 
     arrays, _ = read_rows(path)
     nbr, sims = arrays.get("ids"), arrays.get("sims")

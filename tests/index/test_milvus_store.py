@@ -11,7 +11,7 @@ import pytest
 from cbir.data import read_file_list
 from cbir.engine import Index, add_images, build_index, compact_index, evaluate, remove_images, verify_index
 from cbir.errors import CbirError
-from cbir.index import store
+from cbir.index import manifest
 
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'cbir[milvus]')")
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install 'cbir[milvus]')")
@@ -37,7 +37,7 @@ def test_a_milvus_index_ranks_like_the_faiss_one_and_takes_updates(small_set, tm
     build_index(entries, tmp_path / "faiss", **COLOUR)
     rep = build_index(entries, tmp_path / "mil", vector_store=db, **COLOUR)
     m = rep.manifest
-    assert m["store"]["kind"] == "milvus" and m["faiss"] == store.MILVUS_FILE and (tmp_path / "mil" / store.MILVUS_FILE).is_file()
+    assert m["store"]["kind"] == "milvus" and m["faiss"] == manifest.MILVUS_FILE and (tmp_path / "mil" / manifest.MILVUS_FILE).is_file()
     assert not (tmp_path / "mil" / "cosine.faiss").exists()
     a, b = Index(tmp_path / "faiss"), Index(tmp_path / "mil")
     qa = a.query_images([e.path for e in entries], top_k=4)

@@ -18,7 +18,7 @@ from helpers import REPO
 from cbir.data import read_file_list
 from cbir.engine import Index, build_index, verify_index
 from cbir.errors import CbirError, IndexDamaged
-from cbir.index import store
+from cbir.index import atomic, folder, manifest, rows, verify
 
 COLOUR = dict(extractor="colour", progress=False)
 HASH = dict(extractor="hash", conf={"base": "colour", "base_conf": {}}, progress=False)  # has learned state (extractor.h5)
@@ -51,7 +51,7 @@ def test_out_refuses_a_folder_with_other_files_and_keeps_them(small_set, tmp_pat
     with pytest.raises(CbirError, match="not a cbir index"):
         build_index(entries, victim, **COLOUR)
     assert sorted(p.name for p in victim.iterdir()) == ["precious.jpg", "thesis.txt"]
-    assert not store.partial_dir(victim).exists()  # refused before any work
+    assert not folder.partial_dir(victim).exists()  # refused before any work
 
 
 def test_out_refuses_the_gallery_the_working_folder_its_parents_a_file_and_dot(small_set, tmp_path, monkeypatch):
@@ -115,9 +115,9 @@ def test_cli_out_guard_is_one_line(small_set, tmp_path):
 def test_a_second_build_into_the_same_out_stops_naming_the_first(small_set, tmp_path):
     entries = read_file_list(small_set / "list.txt")
     out = tmp_path / "idx"
-    work = store.partial_dir(out)
+    work = folder.partial_dir(out)
     work.mkdir()
-    with store.BuildLock(work, out):  # what a running build holds (flock: per open file, so this process conflicts too)
+    with folder.BuildLock(work, out):  # what a running build holds (flock: per open file, so this process conflicts too)
         with pytest.raises(CbirError, match=rf"another build \(pid {os.getpid()}\) is writing"):
             build_index(entries, out, **COLOUR)
     assert build_index(entries, out, **COLOUR).count == 12  # released: the next build runs
@@ -146,7 +146,7 @@ def test_kill_9_mid_build_then_the_same_build_resumes_and_a_concurrent_one_is_re
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(script), str(small_set / "list.txt"), str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rows = store.partial_dir(out) / "rows"
+    rows = folder.partial_dir(out) / "rows"
     t0 = time.time()
     try:
         while len(list(rows.glob("part-*.h5"))) < 2 and time.time() - t0 < 120 and proc.poll() is None:
@@ -158,7 +158,7 @@ def test_kill_9_mid_build_then_the_same_build_resumes_and_a_concurrent_one_is_re
     finally:
         proc.kill()
         proc.communicate()
-    assert not (out / store.MANIFEST).exists()
+    assert not (out / manifest.MANIFEST).exists()
     rep = build_index(read_file_list(small_set / "list.txt"), out, **COLOUR)  # the lock died with the process
     assert rep.reused >= 4 and rep.count == 12 and verify_index(out)["ok"]
 
@@ -189,7 +189,7 @@ def test_a_write_error_is_one_line_keeps_the_old_index_and_the_work(small_set, t
     out = tmp_path / "idx"
     build_index(entries[:6], out, **COLOUR)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_init = store._SafeFile.__init__
+    real_init = atomic.SafeFile.__init__
     budget = {"features.h5.tmp": 2000}  # the final features file fails after 2 kB; row segments write normally
 
     def init(self, raw):
@@ -198,13 +198,13 @@ def test_a_write_error_is_one_line_keeps_the_old_index_and_the_work(small_set, t
         if room is not None:
             self.raw = _FailingRaw(raw, room, code)
 
-    monkeypatch.setattr(store._SafeFile, "__init__", init)
-    with pytest.raises(store.WriteError, match=words) as e:
+    monkeypatch.setattr(atomic.SafeFile, "__init__", init)
+    with pytest.raises(atomic.WriteError, match=words) as e:
         build_index(entries, out, **COLOUR)
     assert "features.h5" in str(e.value) and "run the same command again to resume" in str(e.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous index intact
-    assert not (store.partial_dir(out) / "commit").exists() and not list(store.partial_dir(out).rglob("*.tmp"))
-    monkeypatch.setattr(store._SafeFile, "__init__", real_init)
+    assert not (folder.partial_dir(out) / "commit").exists() and not list(folder.partial_dir(out).rglob("*.tmp"))
+    monkeypatch.setattr(atomic.SafeFile, "__init__", real_init)
     rep = build_index(entries, out, **COLOUR)
     assert rep.count == 12 and rep.extracted == 0  # every row was kept for the resumed build
 
@@ -214,7 +214,7 @@ def test_not_enough_space_is_said_before_extracting(small_set, tmp_path, monkeyp
 
     entries = read_file_list(small_set / "list.txt")
     monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
-    with pytest.raises(store.WriteError, match=r"not enough space for 12 images: about .* MB needed, 0\.0 MB free"):
+    with pytest.raises(atomic.WriteError, match=r"not enough space for 12 images: about .* MB needed, 0\.0 MB free"):
         build_index(entries, tmp_path / "idx", **COLOUR)
 
 
@@ -236,7 +236,7 @@ def test_build_into_a_full_tmpfs_is_a_one_line_error_not_a_crash(small_set, tmp_
     try:
         args = ["index", "build", "--list", str(small_set / "list.txt"), "--extractor", "colour", "--out", str(mnt / "idx"), "--quiet"]
         if bypass_precheck:
-            code = ("import sys; import cbir.index.store as s; s.check_space = lambda *a, **k: None; from cbir.cli import main; "
+            code = ("import sys; import cbir.build as s; s.check_space = lambda *a, **k: None; from cbir.cli import main; "
                     "sys.exit(main(sys.argv[1:]))")
             p = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, "PYTHONPATH": str(REPO)},
                                capture_output=True, text=True, timeout=300)
@@ -289,9 +289,9 @@ def test_damage_to_any_file_is_named(built, name, how):
 
 def test_damage_found_without_checksums_is_still_one_line(built):
     """An index whose manifest has no checksums (an older cbir): h5py/faiss read errors still name the file."""
-    m = json.loads((built / store.MANIFEST).read_text())
-    del m["files"], m[store.MANIFEST_SUM]  # an older cbir recorded neither
-    (built / store.MANIFEST).write_text(json.dumps(m))
+    m = json.loads((built / manifest.MANIFEST).read_text())
+    del m["files"], m[manifest.MANIFEST_SUM]  # an older cbir recorded neither
+    (built / manifest.MANIFEST).write_text(json.dumps(m))
     DAMAGE["random"](built / "hamming.faiss")
     with pytest.raises(IndexDamaged, match="hamming.faiss: damaged"):
         Index(built)
@@ -315,7 +315,7 @@ def test_verify_passes_on_a_good_index(built):
 
 
 def _edit(folder, fn):
-    p = folder / store.MANIFEST
+    p = folder / manifest.MANIFEST
     m = json.loads(p.read_text())
     fn(m)
     p.write_text(json.dumps(m))
@@ -351,8 +351,8 @@ def test_a_conf_that_implies_another_dimension_is_refused_before_allocating(smal
     def edit(m):  # and the manifest's own checks recomputed, as a hostile writer could: the dimension check still holds
         m["extractor"]["conf"]["bins"] = [1000, 1000, 1000]
         ident = {k: v for k, v in m["extractor"].items() if k not in ("key", "key_nostate", "state")}
-        m["extractor"]["key_nostate"] = store._canonical_sha256(ident)[:16]
-        m[store.MANIFEST_SUM] = store.manifest_digest(m)
+        m["extractor"]["key_nostate"] = manifest.canonical_sha256(ident)[:16]
+        m[manifest.MANIFEST_SUM] = manifest.manifest_digest(m)
 
     _edit(tmp_path / "idx", edit)
     idx = Index(tmp_path / "idx")
@@ -364,15 +364,15 @@ def test_a_conf_that_implies_another_dimension_is_refused_before_allocating(smal
 
 
 def test_files_are_written_atomically_and_checksums_match(built):
-    m = json.loads((built / store.MANIFEST).read_text())
+    m = json.loads((built / manifest.MANIFEST).read_text())
     for name, rec in m["files"].items():
-        assert rec == store.file_record(built / name)
+        assert rec == verify.file_record(built / name)
     assert not list(built.glob("*.tmp"))
 
 
 def test_write_json_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
-        store.write_json_atomic({"map": float("nan")}, tmp_path / "r.json")
+        atomic.write_json_atomic({"map": float("nan")}, tmp_path / "r.json")
     assert not list(tmp_path.iterdir())
 
 
@@ -382,8 +382,8 @@ def test_opening_an_index_reads_no_vector_until_one_is_used(small_set, tmp_path)
     build_index(entries, tmp_path / "idx", **COLOUR)
     idx = Index(tmp_path / "idx")
     lazy = idx._descriptors
-    assert isinstance(lazy, store.LazyRows) and lazy._all is None
-    full = np.asarray(store.read_rows(tmp_path / "idx" / store.FEATURES)[0]["descriptors"])
+    assert isinstance(lazy, rows.LazyRows) and lazy._all is None
+    full = np.asarray(rows.read_rows(tmp_path / "idx" / manifest.FEATURES)[0]["descriptors"])
     np.testing.assert_array_equal(idx.descriptor_rows([3, 1, 3]), full[[3, 1, 3]])
     np.testing.assert_array_equal(idx.query_vectors(np.array([5])), full[[5]])
     np.testing.assert_array_equal(lazy[-1], full[-1])

@@ -8,7 +8,7 @@ import pytest
 from cbir.data import Entry, read_file_list
 from cbir.engine import Index, add_images, build_index, compact_index, evaluate, remove_images, verify_index
 from cbir.errors import CbirError
-from cbir.index import store
+from cbir.index import folder, manifest
 from cbir.index.backend import FaissBackend, SearchSpec, auto_spec
 
 COLOUR = dict(extractor="colour", progress=False)
@@ -42,7 +42,7 @@ def test_add_then_remove_is_seen_by_queries_and_ids_stay_stable(small_set, tmp_p
     add_images(out, [entries[9]], progress=False)
     idx = Index(out)
     assert int(idx.ids[list(idx.names).index(entries[9].name)]) == 12
-    m = json.loads((out / store.MANIFEST).read_text())
+    m = json.loads((out / manifest.MANIFEST).read_text())
     assert m["next_id"] == 13 and [list(h)[0] for h in m["history"]] == ["added", "removed", "added"]
 
 
@@ -51,11 +51,11 @@ def test_hnsw_removal_is_a_tombstone_until_compact(small_set, tmp_path):
     out = tmp_path / "idx"
     build_index(entries, out, ann="hnsw", **COLOUR)
     remove_images(out, [entries[3].name])
-    m = json.loads((out / store.MANIFEST).read_text())
+    m = json.loads((out / manifest.MANIFEST).read_text())
     assert m["search"]["removed"] == [3] and m["count"] == 11
     assert entries[3].name not in _names(Index(out), entries[3].path)
     rep = compact_index(out)
-    m = json.loads((out / store.MANIFEST).read_text())
+    m = json.loads((out / manifest.MANIFEST).read_text())
     assert rep.removed == 1 and m["search"]["removed"] == [] and Index(out).index.index.ntotal == 11
     assert entries[3].name not in _names(Index(out), entries[3].path)
 
@@ -67,10 +67,10 @@ def test_add_with_a_bad_file_reports_it_and_strict_adds_nothing(small_set, tmp_p
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     more = [*entries[6:8], Entry("bad.jpg", bad, "x")]
-    before = (out / store.FEATURES).read_bytes()
+    before = (out / manifest.FEATURES).read_bytes()
     with pytest.raises(CbirError, match="--strict"):
         add_images(out, more, strict=True, progress=False)
-    assert (out / store.FEATURES).read_bytes() == before and not store.partial_dir(out).exists()
+    assert (out / manifest.FEATURES).read_bytes() == before and not folder.partial_dir(out).exists()
     rep = add_images(out, more, progress=False)
     assert rep.added == 2 and rep.failures[0]["name"] == "bad.jpg" and Index(out).names.size == 8
 
@@ -161,7 +161,7 @@ def test_compact_codes_end_to_end_keep_quality_on_the_small_set(small_set, tmp_p
     a = evaluate(tmp_path / "exact", queries=small_set / "list.txt", progress=False)["metrics"]
     b = evaluate(tmp_path / "f16", queries=small_set / "list.txt", progress=False)["metrics"]
     assert b["precision@1"] >= a["precision@1"] - 0.25
-    m = json.loads((tmp_path / "f16" / store.MANIFEST).read_text())
+    m = json.loads((tmp_path / "f16" / manifest.MANIFEST).read_text())
     assert m["search"]["dim"] == 8 and m["search"]["codec"] == "float16" and m["search"]["bytes_per_image"] == 8 * 2 + 8
 
 

@@ -7,7 +7,7 @@ import pytest
 from cbir.data import read_file_list
 from cbir.engine import Index, build_index, verify_index
 from cbir.errors import IndexDamaged
-from cbir.index import store
+from cbir.index import manifest
 
 
 @pytest.fixture
@@ -17,13 +17,13 @@ def built(small_set, tmp_path):
 
 
 def test_a_fresh_manifest_records_its_checksum_and_verifies(built):
-    m = json.loads((built / store.MANIFEST).read_text())
-    assert m[store.MANIFEST_SUM] == store.manifest_digest(m) and verify_index(built)["ok"]
+    m = json.loads((built / manifest.MANIFEST).read_text())
+    assert m[manifest.MANIFEST_SUM] == manifest.manifest_digest(m) and verify_index(built)["ok"]
 
 
 @pytest.mark.parametrize("old,new", [('"max_side": 256', '"max_side": 255'), ("16,", "15,")])
 def test_a_one_byte_edit_of_the_extractor_conf_is_damage(built, old, new):
-    p = built / store.MANIFEST
+    p = built / manifest.MANIFEST
     text = p.read_text()
     assert old in text
     p.write_text(text.replace(old, new, 1))
@@ -34,9 +34,9 @@ def test_a_one_byte_edit_of_the_extractor_conf_is_damage(built, old, new):
 
 
 def test_an_edit_with_the_checksum_dropped_is_caught_by_the_extractor_key(built):
-    p = built / store.MANIFEST
+    p = built / manifest.MANIFEST
     m = json.loads(p.read_text())
-    del m[store.MANIFEST_SUM]  # as an index of an older cbir would read: accepted only while its keys match its conf
+    del m[manifest.MANIFEST_SUM]  # as an index of an older cbir would read: accepted only while its keys match its conf
     m["extractor"]["conf"]["bins"] = list(reversed(m["extractor"]["conf"]["bins"]))
     p.write_text(json.dumps(m))
     with pytest.raises(IndexDamaged, match=r"manifest.json: damaged \(extractor key .* does not match its recorded conf"):
@@ -46,7 +46,7 @@ def test_an_edit_with_the_checksum_dropped_is_caught_by_the_extractor_key(built)
 def test_the_cli_verify_fails_with_one_line(built, capsys):
     from cbir.cli import main
 
-    p = built / store.MANIFEST
+    p = built / manifest.MANIFEST
     p.write_text(p.read_text().replace('"max_side": 256', '"max_side": 255', 1))
     assert main(["index", "verify", str(built)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

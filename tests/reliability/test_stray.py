@@ -7,7 +7,7 @@ from cbir import update
 from cbir.data import read_file_list
 from cbir.engine import Index, add_images, build_index, compact_index, remove_images
 from cbir.errors import CbirError
-from cbir.index import store
+from cbir.index import folder
 
 
 @pytest.fixture
@@ -31,20 +31,20 @@ def test_a_stray_file_is_refused_before_any_work(built, monkeypatch, what):
            "compact": lambda: compact_index(out)}[what]
     with pytest.raises(CbirError, match=r"holds 'notes.txt', which is not part of a cbir index; .* \(nothing was changed\)"):
         run()
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not store.partial_dir(out).exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not folder.partial_dir(out).exists()
 
 
 def test_a_file_appearing_during_the_update_keeps_the_new_index_where_the_message_says(built, monkeypatch):
     out, entries = built
-    real = store.commit_folder
+    real = folder.commit_folder
 
     def commit(work, final):
         (final / "appeared.txt").write_text("x")
         return real(work, final)
 
-    monkeypatch.setattr(store, "commit_folder", commit)
+    monkeypatch.setattr(update, "commit_folder", commit)  # where the update calls it
     with pytest.raises(CbirError, match="appeared during the build; the new index is kept in") as e:
         add_images(out, entries, progress=False, workers=0)
-    kept = store.partial_dir(out) / "commit"
+    kept = folder.partial_dir(out) / "commit"
     assert str(kept) in str(e.value) and len(Index(kept)) == 12  # it is there, whole
     assert (out / "appeared.txt").exists() and len(Index(out)) == 6  # the old index stays as it was, the stray file too

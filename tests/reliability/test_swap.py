@@ -14,7 +14,7 @@ import pytest
 from cbir.data import read_file_list
 from cbir.engine import Index, add_images, build_index, verify_index
 from cbir.errors import CbirError
-from cbir.index import store
+from cbir.index import folder, manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def half(small_set, tmp_path):
     _killed("add", out, small_set / "list.txt")
     # the state the issue found: nothing at DIR, the old index aside, the new one complete in DIR.partial/commit
     assert not out.exists() and len(_olds(out)) == 1
-    assert (store.partial_dir(out) / "commit" / store.MANIFEST).is_file()
+    assert (folder.partial_dir(out) / "commit" / manifest.MANIFEST).is_file()
     return out, small_set / "list.txt"
 
 
@@ -74,7 +74,7 @@ def test_the_cli_verify_recovers_by_itself(half):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.run([sys.executable, "-m", "cbir", "index", "verify", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "not a cbir index" not in p.stderr, p.stderr[-2000:]
-    assert json.loads((out / store.MANIFEST).read_text())["count"] == 12
+    assert json.loads((out / manifest.MANIFEST).read_text())["count"] == 12
 
 
 def test_the_next_update_recovers_then_runs(half):
@@ -91,8 +91,8 @@ def test_a_build_into_the_folder_recovers_it_first(half):
 
 def test_a_damaged_commit_gives_back_the_old_index(half):
     out, _ = half
-    commit = store.partial_dir(out) / "commit"
-    with open(commit / store.FEATURES, "r+b") as f:  # the new index is not whole: the old one comes back
+    commit = folder.partial_dir(out) / "commit"
+    with open(commit / manifest.FEATURES, "r+b") as f:  # the new index is not whole: the old one comes back
         f.seek(100)
         f.write(b"\xff" * 64)
     assert len(Index(out)) == 6 and verify_index(out)["ok"]
@@ -109,12 +109,12 @@ def test_compact_killed_at_the_swap_is_recovered(small_set, tmp_path):
 def test_a_live_update_holding_the_lock_is_waited_for_not_raced(half):
     """Between the renames of a running update the folder is missing for a moment: a reader must not move anything."""
     out, _ = half
-    work = store.partial_dir(out)
-    with store.BuildLock(work, out):
+    work = folder.partial_dir(out)
+    with folder.BuildLock(work, out):
         with pytest.raises(CbirError, match="an update is replacing it"):
-            store.recover(out, wait_s=0)
+            folder.recover(out, wait_s=0)
         assert not out.exists() and len(_olds(out)) == 1  # untouched
-    assert store.recover(out) is not None and len(Index(out)) == 12
+    assert folder.recover(out) is not None and len(Index(out)) == 12
 
 
 def test_the_service_starts_on_and_recovers_a_half_swapped_folder(half):
@@ -126,7 +126,7 @@ def test_the_service_starts_on_and_recovers_a_half_swapped_folder(half):
     assert len(slot.get().index) == 12
     _killed("compact", out)  # now while it is served: the old version answers, the watcher's check puts the folder back
     assert not out.exists() and len(slot.get().index) == 12
-    assert slot.check() is False and (out / store.MANIFEST).is_file()
+    assert slot.check() is False and (out / manifest.MANIFEST).is_file()
     assert slot.check() is True and len(slot.get().index) == 12 and verify_index(out)["ok"]
 
 
@@ -152,4 +152,4 @@ def test_the_issue_reproduction_with_strace(small_set, tmp_path):
     assert p.returncode in (137, -9) and not out.exists() and _olds(out), (p.returncode, p.stderr[-1000:])
     v = subprocess.run([sys.executable, "-m", "cbir", "index", "verify", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert v.returncode == 0, v.stderr[-2000:]
-    assert json.loads((out / store.MANIFEST).read_text())["count"] == 12
+    assert json.loads((out / manifest.MANIFEST).read_text())["count"] == 12

@@ -15,20 +15,25 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import __version__
-from .data import Entry, dedupe, file_stat as _stat, iter_decoded, shape_batches
-from .errors import CbirError, DecodeError
-from .extractors.base import Extractor, make_extractor
-from .index import store
-from .index.backend import FaissBackend, SearchSpec, auto_spec
-from .index import knn
-from .index.store import STATE_FILE
-from .progress import bar as _progress, log as _log
+from .. import __version__
+from ..data import Entry, dedupe, file_stat as _stat, iter_decoded
+from ..errors import CbirError, DecodeError
+from ..extractors.base import Extractor, make_extractor
+from ..index import knn
+from ..index.atomic import WriteError, h5_writing, write_json_atomic
+from ..index.backend import FaissBackend, SearchSpec, auto_spec
+from ..index.folder import (BuildLock, check_out, check_space, claim_work, clear_work, commit_folder, folder_bytes, fresh_folder,
+                           partial_dir, read_manifest)
+from ..index.manifest import FAISS_FILES, FEATURES, LOCAL_FILE, MANIFEST, MILVUS_FILE, STATE_FILE, next_id, write_manifest
+from ..index.rows import FeatureWriter, Rows, RowSegments, load_state_file, save_state
+from ..index.verify import open_checked, verify_file
+from ..progress import bar as _progress, log as _log
+from .extract import extract_rows, put_local, shrink  # noqa: F401 (shrink: part of the build's API)
 
 PathLike = Union[str, os.PathLike]
 #: local features stored for re-ranking by a plain extractor name (--local sift): the 1024 strongest keypoints at up to
 #: 1024 px; named confs (--local default) bring their own (cbir.local.confs)
-from .local.confs import LOCAL_DEFAULTS  # noqa: E402,F401
+from ..local.confs import LOCAL_DEFAULTS  # noqa: E402,F401
 #: bytes of rows the final write holds at once (features.h5 and the faiss index are written chunk by chunk)
 FINAL_CHUNK_BYTES = 64 << 20
 
@@ -38,7 +43,7 @@ def resolve_extractor(extractor: Union[str, Extractor, None] = None, conf: Optio
     if isinstance(extractor, Extractor):
         return extractor
     if extractor is None:
-        from .extractors import configure
+        from ..extractors import configure
 
         extractor, base = configure(None)
         conf = {**base, **(conf or {})}
@@ -81,24 +86,24 @@ def build_index(
     done so far for a resumed build. ``options``: see :func:`_build_locked`.
     """
     entries = list(entries)
-    out = store.check_out(out, images=[e.path for e in entries], roots=roots)
-    work = store.partial_dir(out)
+    out = check_out(out, images=[e.path for e in entries], roots=roots)
+    work = partial_dir(out)
     fresh = not work.exists()
     if options.get("vector_store"):
-        from .index.milvus import parse_store
+        from ..index.milvus import parse_store
 
         parse_store(options["vector_store"], out)  # a malformed --store is refused before a folder is made
-    store.claim_work(work, out)
-    with store.BuildLock(work, out):
+    claim_work(work, out)
+    with BuildLock(work, out):
         try:
             return _build_locked(entries, out, extractor=extractor, conf=conf, **options)
-        except store.WriteError as e:
+        except WriteError as e:
             shutil.rmtree(work / "commit", ignore_errors=True)  # a half-written final folder: made again from the rows
-            kept = store.folder_bytes(work)
+            kept = folder_bytes(work)
             done = work.exists() and (any((work / "rows").glob("part-*.h5")) or (work / STATE_FILE).is_file())
             note = (f"; the work done so far ({kept / 1e6:.1f} MB) is kept in {work}: run the same command again to resume"
                     if done else "")
-            raise store.WriteError(f"{e}{note}") from None
+            raise WriteError(f"{e}{note}") from None
         except CbirError as e:
             if not (fresh and not any((work / "rows").glob("part-*.h5")) and not (work / STATE_FILE).is_file()):
                 raise
@@ -127,6 +132,16 @@ class _Build:
     failures: List[Dict[str, str]] = field(default_factory=list)
     seconds: Dict[str, float] = field(default_factory=dict)
     graph: Optional[Dict[str, Any]] = None  # the graph stage the index records (cbir/index/expansion.py)
+    # what the final write records (see :func:`_build_locked`)
+    ann: str = "auto"
+    search: Optional[Dict[str, Any]] = None
+    local: Optional[str] = None
+    local_ext: Any = None
+    dataset: Optional[Dict[str, Any]] = None
+    label_names: Optional[Dict[str, str]] = None
+    keep_raw: bool = False
+    milvus_uri: Optional[str] = None
+    t_start: float = 0.0
 
     def fail(self, e: Entry, cause: str, pb=None, what: Optional[str] = None) -> None:
         """An image left out (reported), or with ``strict`` the end of the build (work kept for a resume)."""
@@ -158,8 +173,8 @@ def _build_locked(
     graph: Any = "default",
 ) -> BuildReport:
     """The build itself, with ``out`` checked and its work folder locked by :func:`build_index`, phase by phase:
-    :func:`_open_work`, :func:`_fit_state`, :func:`_reuse_rows`, :func:`_open_local`, :func:`_extract`,
-    :func:`_fill_local`, :func:`_write_index`.
+    :func:`_open_work`, :func:`_fit_state`, :func:`_reuse_rows`, :func:`_open_local`,
+    :func:`cbir.build.extract.extract_rows` (which ``index add`` runs too), :func:`_fill_local`, :func:`_write_index`.
 
     Resumable: rows already extracted into ``out.partial`` (an interrupted run) or present in an
     existing index at ``out`` with the same extractor and the same file size and mtime are reused.
@@ -176,24 +191,27 @@ def _build_locked(
     t_start = time.time()
     b = _open_work(entries, Path(out), resolve_extractor(extractor, conf), log, progress, strict, workers)
     b.graph = _graph_spec(graph, b.ext)
-    milvus_uri = _check_store(b, vector_store, ann, search)  # refused before any work when the store cannot hold it
+    b.milvus_uri = _check_store(b, vector_store, ann, search)  # refused before any work when the store cannot hold it
+    b.ann, b.search, b.local, b.dataset, b.label_names, b.keep_raw, b.t_start = ann, search, local, dataset, label_names, keep_raw, t_start
     if ray and local:
         raise CbirError("--ray extracts global descriptors only: build without --local, then add local features with a "
                         "local build (the rows are reused), or drop --ray")
     _fit_state(b)
     segments, done, stale, todo, reused = _reuse_rows(b)
     local_ext, local_writer = _open_local(b, local, local_conf, stale)
+    b.local_ext = local_ext
     _check_space(b, todo)
     t0 = time.time()
     try:
-        extracted = _extract(b, todo, segments, local_ext, local_writer, batch_size, ray)
+        extracted = extract_rows(b.ext, todo, segments, b.fail, batch_size=batch_size, workers=b.workers, progress=b.progress,
+                                 local_ext=local_ext, local_writer=local_writer, ray=ray, strict=b.strict)
         if local_writer is not None:
             _fill_local(b, local_ext, local_writer, [b.want[n] for n in b.want if n in done and n not in stale])
     finally:
         if local_writer is not None:
             local_writer.close()
     b.seconds["extract"] = round(time.time() - t0, 3)
-    manifest = _write_index(b, segments, ann, search, local, local_ext, dataset, label_names, t_start, keep_raw, milvus_uri)
+    manifest = _write_index(b, segments)
     shutil.rmtree(b.work, ignore_errors=True)
     return BuildReport(out=b.out, count=manifest["count"], failures=b.failures, reused=reused, extracted=extracted,
                        seconds=b.seconds, manifest=manifest)
@@ -205,7 +223,7 @@ NO_DEFAULT_GRAPH = frozenset({"semantic"})
 
 def _graph_spec(graph: Any, ext: Extractor) -> Optional[Dict[str, Any]]:
     """The graph stage an index records: checked now, before any work (a Hamming index has none: it compares codes)."""
-    from .index.expansion import DEFAULT_GRAPH, parse_expand
+    from ..index.expansion import DEFAULT_GRAPH, parse_expand
 
     if isinstance(graph, str):
         if graph != "default":
@@ -226,7 +244,7 @@ def _open_work(entries: Sequence[Entry], out: Path, ext: Extractor, log, progres
         say(f"warning: {len(dups)} duplicate name(s) in the list skipped, e.g. {dups[0]}")
     if not entries:
         raise CbirError("nothing to index: the list is empty")
-    b = _Build(entries=entries, out=out, work=store.partial_dir(out), ext=ext, say=say, progress=progress, strict=strict,
+    b = _Build(entries=entries, out=out, work=partial_dir(out), ext=ext, say=say, progress=progress, strict=strict,
                workers=workers, want={e.name: e for e in entries}, key_nostate=ext.key(with_state=False))
     wmeta_path = b.work / "work.json"
     try:
@@ -236,11 +254,11 @@ def _open_work(entries: Sequence[Entry], out: Path, ext: Extractor, log, progres
     if not isinstance(wmeta, dict) or wmeta.get("key") != b.key_nostate:
         if wmeta is not None:
             say(f"note: {b.work} holds work of another extractor; starting afresh")
-        store.clear_work(b.work)
-    store.write_json_atomic({"key": b.key_nostate, "identity": ext.identity(with_state=False)}, wmeta_path)
-    if (out / store.MANIFEST).is_file():
+        clear_work(b.work)
+    write_json_atomic({"key": b.key_nostate, "identity": ext.identity(with_state=False)}, wmeta_path)
+    if (out / MANIFEST).is_file():
         try:
-            b.old_manifest = store.read_manifest(out)
+            b.old_manifest = read_manifest(out)
         except CbirError:
             b.old_manifest = None
     b.old_same = b.old_manifest is not None and b.old_manifest.get("extractor", {}).get("key_nostate") == b.key_nostate
@@ -250,7 +268,7 @@ def _open_work(entries: Sequence[Entry], out: Path, ext: Extractor, log, progres
 def _check_store(b: _Build, vector_store: Optional[str], ann: str, search: Optional[Dict[str, Any]]) -> Optional[str]:
     """The Milvus URI of ``--store milvus:URI`` (None for the faiss folder), after checking what the store can hold
     with the extractor's kind and dimension (Milvus Lite: no Hamming codes, no PQ; no PCA anywhere)."""
-    from .index.milvus import parse_store
+    from ..index.milvus import parse_store
 
     kind, uri = parse_store(vector_store, b.out)
     if kind != "milvus":
@@ -265,7 +283,7 @@ def _check_store(b: _Build, vector_store: Optional[str], ann: str, search: Optio
 
 
 def _store_spec(uri: str, metric: str, dim_in: int, n: int, ann: str, search: Optional[Dict[str, Any]]) -> SearchSpec:
-    from .index.milvus import auto_store_spec
+    from ..index.milvus import auto_store_spec
 
     opts = dict(search or {})
     if opts.pop("whiten_power", None):
@@ -281,8 +299,8 @@ def _fit_state(b: _Build) -> None:
     if ext.needs_fit:
         def reuse(path: Path, folder: Path, manifest: Optional[dict], pre_post: bool) -> bool:
             try:
-                arrays = (store.open_checked(folder, STATE_FILE, manifest, store.load_state_file) if manifest
-                          else store.load_state_file(path))
+                arrays = (open_checked(folder, STATE_FILE, manifest, load_state_file) if manifest
+                          else load_state_file(path))
                 ext.load_state(_pre_post_state(arrays, ext) if pre_post else arrays)
                 return True
             except (CbirError, OSError, KeyError, ValueError) as e:
@@ -292,7 +310,7 @@ def _fit_state(b: _Build) -> None:
         if (work / STATE_FILE).is_file() and reuse(work / STATE_FILE, work, None, False):
             pass
         elif b.old_same and (out / STATE_FILE).is_file() and reuse(out / STATE_FILE, out, b.old_manifest, True):
-            store.save_state(work / STATE_FILE, ext.state())
+            save_state(work / STATE_FILE, ext.state())
         else:
             sample = _fit_sample(b.entries, max(1, ext.fit_images))
             bad_sample: List[DecodeError] = []
@@ -312,7 +330,7 @@ def _fit_state(b: _Build) -> None:
                     raise CbirError(f"none of the {len(sample)} image(s) sampled to learn {ext.name}'s codebook could be read, "
                                     f"e.g. {bad_sample[0]}") from None
                 raise
-            store.save_state(work / STATE_FILE, ext.state())
+            save_state(work / STATE_FILE, ext.state())
     b.seconds["fit"] = round(time.time() - t0, 3)
     b.key = ext.key(with_state=True)
 
@@ -321,17 +339,17 @@ def _reuse_rows(b: _Build):
     """Phase 3: the rows already done (work folder segments, rows of the old index for unchanged files) and the rest to do.
 
     Returns ``(segments, done {name: (size, mtime)}, stale names, entries to extract, count reused)``."""
-    segments = store.RowSegments(b.work / "rows", b.key)
+    segments = RowSegments(b.work / "rows", b.key)
     _, prev_at, bad = segments.locate()  # names, sizes and mtimes only: no descriptor is read here
     if bad:
         b.say(f"note: {len(bad)} unreadable segment(s) in {b.work / 'rows'} (an interrupted write); their images are extracted again")
     done: Dict[str, Tuple[int, float]] = {n: (sz, mt) for n, (_, _, sz, mt) in prev_at.items()}
     want, out, om = b.want, b.out, b.old_manifest
     # rows of the existing index with the same extractor, file size and mtime, copied chunk by chunk
-    if b.old_same and om.get("extractor", {}).get("key") == b.key and (out / store.FEATURES).is_file():
+    if b.old_same and om.get("extractor", {}).get("key") == b.key and (out / FEATURES).is_file():
         try:
-            store.verify_file(out, store.FEATURES, om)
-            _copy_old_rows(out / store.FEATURES, segments, want, done, b.ext.needs_post_fit, b.say)
+            verify_file(out, FEATURES, om)
+            _copy_old_rows(out / FEATURES, segments, want, done, b.ext.needs_post_fit, b.say)
         except (CbirError, OSError, KeyError, ValueError) as e:
             b.say(f"note: not reusing the rows of the existing index: {e}")
     # rows of the work folder are only valid if the file did not change since
@@ -362,7 +380,7 @@ def _copy_old_rows(path: Path, segments, want: Dict[str, Entry], done: Dict[str,
         for a in range(0, len(take), chunk):
             sel = take[a : a + chunk]
             vecs = src[sel].astype(np.float32)  # h5py point selection: increasing rows, one chunk in memory
-            segments.append(store.Rows([names[j] for j in sel], [str(want[names[j]].path) for j in sel], [want[names[j]].label for j in sel],
+            segments.append(Rows([names[j] for j in sel], [str(want[names[j]].path) for j in sel], [want[names[j]].label for j in sel],
                                        [int(size[j]) for j in sel], [float(mtime[j]) for j in sel], vecs))
             for j in sel:
                 done[names[j]] = (int(size[j]), float(mtime[j]))
@@ -372,7 +390,7 @@ def _open_local(b: _Build, local: Optional[str], local_conf: Optional[Dict[str, 
     """Phase 4: the local-feature store of the work folder (re-ranking), with what the old index already has."""
     if not local:
         return None, None
-    from .local.store import LocalFeatureStore, make_local_extractor
+    from ..local.store import LocalFeatureStore, make_local_extractor
 
     local_ext = make_local_extractor(local, local_conf)  # LOCAL_DEFAULTS or the named conf, then local_conf
     path = b.work / "local.h5"
@@ -394,71 +412,7 @@ def _check_space(b: _Build, todo: Sequence[Entry]) -> None:
         d_final, d_raw = int(b.ext.dim), int(getattr(b.ext, "raw_dim", b.ext.dim))
     except Exception:  # noqa: BLE001 - a dimension known only after extraction: the writers report a full disk
         return
-    store.check_space(b.work, len(todo) * (4 * d_raw + 300) + len(b.entries) * (8 * d_final + 300) + (1 << 20), f"{len(b.entries)} images")
-
-
-def _local_batches(b: _Build, todo: Sequence[Entry], decode_side: Optional[int], batch_size: int, pb):
-    """Decoded and described here: ``("rows", entries, images, raw)`` per batch, ``("error", entry, cause, text)`` per bad image.
-    Batches of one image shape (:func:`cbir.data.shape_batches`): what keeps the build's peak memory flat in N."""
-    ext = b.ext
-    for kind, item in shape_batches(iter_decoded(todo, decode_side, workers=b.workers), batch_size):
-        if kind == "error":
-            _, e, err = item
-            yield "error", e, err.cause, str(err)
-            continue
-        try:
-            raw = ext.extract([shrink(img, ext.max_side) for _, _, img in item])
-        except CbirError:
-            raise
-        except Exception as exc:  # a network failure on one batch: retry one by one to name the image
-            raw = _extract_singly(ext, item, b.failures, b.strict, pb, exc)
-            item = [x for x, r in zip(item, raw) if r is not None]
-            raw = np.stack([r for r in raw if r is not None]) if item else None
-        if raw is not None:
-            yield "rows", [e for _, e, _ in item], [img for _, _, img in item], raw
-
-
-def _extract(b: _Build, todo: Sequence[Entry], segments, local_ext, local_writer, batch_size: int, ray: Optional[str] = None) -> int:
-    """Phase 5: describe the images to do into row segments (here, or on a Ray cluster), local features beside; the count."""
-    ext = b.ext
-    decode_side = _decode_side(ext.max_side, local_ext.max_side if local_ext is not None else ext.max_side)
-    pb = _progress(total=len(todo), desc=f"extract: {ext.name}" + (" (ray)" if ray else ""), enabled=b.progress)
-    extracted = 0
-    try:
-        if ray:
-            from .distributed import ray_rows
-
-            source = ((kind, *rest, None) if kind == "error" else (kind, rest[0], None, rest[1])
-                      for kind, *rest in ray_rows(todo, ext, address=ray, batch_size=batch_size, decode_side=decode_side, strict=b.strict))
-        else:
-            source = _local_batches(b, todo, decode_side, batch_size, pb)
-        for kind, items, imgs, raw in source:
-            if kind == "error":  # items: the entry, imgs: the cause, raw: the message
-                b.fail(items, imgs, pb, what=raw)
-                pb.update()
-                continue
-            norms = np.linalg.norm(raw, axis=1)
-            bad = ~np.isfinite(norms) | (norms < 1e-12)
-            for e in (e for e, x in zip(items, bad) if x):
-                b.fail(e, "descriptor is zero or not finite (a blank image without features?)", pb)
-            if bad.any():
-                items = [e for e, x in zip(items, bad) if not x]
-                imgs = [im for im, x in zip(imgs, bad) if not x] if imgs is not None else None
-                raw = raw[~bad]
-                if not items:
-                    continue
-            stats = [_stat(e.path) for e in items]
-            segments.append(store.Rows([e.name for e in items], [str(e.path) for e in items], [e.label for e in items],
-                                       [s for s, _ in stats], [m for _, m in stats], np.asarray(raw, np.float32)))
-            if local_ext is not None and imgs is not None:
-                for e, img in zip(items, imgs):
-                    _put_local(local_writer, local_ext, e, img, pb)
-                local_writer.flush()
-            extracted += len(items)
-            pb.update(len(items))
-    finally:
-        pb.close()
-    return extracted
+    check_space(b.work, len(todo) * (4 * d_raw + 300) + len(b.entries) * (8 * d_final + 300) + (1 << 20), f"{len(b.entries)} images")
 
 
 def _fill_local(b: _Build, local_ext, local_writer, candidates: Sequence[Entry]) -> None:
@@ -469,18 +423,29 @@ def _fill_local(b: _Build, local_ext, local_writer, candidates: Sequence[Entry])
     pb = _progress(total=len(missing), desc=f"local: {local_ext.name}", enabled=b.progress)
     for _, e, img in iter_decoded(missing, local_ext.max_side, workers=b.workers):
         if not isinstance(img, DecodeError):
-            _put_local(local_writer, local_ext, e, img, pb)
+            put_local(local_writer, local_ext, e, img, pb)
         pb.update()
     pb.close()
 
 
-def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]], local: Optional[str], local_ext,
-                 dataset: Optional[Dict[str, Any]], label_names: Optional[Dict[str, str]], t_start: float,
-                 keep_raw: bool = False, milvus_uri: Optional[str] = None) -> Dict[str, Any]:
+@dataclass
+class _Final:
+    """The final write's rows: the gallery's names in list order, where each row is, and the search structure's spec."""
+
+    names: List[str]
+    loc: Dict[str, Tuple[int, int, int, float]]  # name -> (segment, row, file size, mtime)
+    raw_of: Callable[[Sequence[int]], np.ndarray]  # raw rows by position in ``names``
+    spec: SearchSpec
+    d_final: int
+    code_bytes: int
+    t0: float
+
+
+def _write_index(b: _Build, segments) -> Dict[str, Any]:
     """Phase 7: features.h5 and the search structure, streamed from the row segments into a fresh folder moved into
     place; memory holds one chunk of rows and the training sample, never all N. Returns the manifest."""
     t0 = time.time()
-    ext, work = b.ext, b.work
+    ext, work, milvus_uri = b.ext, b.work, b.milvus_uri
     seg_files, loc, _ = segments.locate()
     names = [e.name for e in b.entries if e.name in loc]
     if not names:
@@ -488,42 +453,45 @@ def _write_index(b: _Build, segments, ann: str, search: Optional[Dict[str, Any]]
     n = len(names)
 
     def raw_of(sel: Sequence[int]) -> np.ndarray:
-        return store.RowSegments.gather(seg_files, [loc[names[i]][:2] for i in sel])
+        return RowSegments.gather(seg_files, [loc[names[i]][:2] for i in sel])
 
     if ext.needs_post_fit:  # the post transform (hash centre, whitening) is learned on the sample (all rows up to 200k)
         ext.fit_post(raw_of(_sample_rows(n)))
-    commit = store.fresh_folder(work / "commit")
+    commit = fresh_folder(work / "commit")
     first = ext.post(raw_of([0]))
     d_final = int(first.shape[1])
     metric = "hamming" if ext.binary else "cosine"
     code_bytes = int(ext.encode(first).shape[1]) if ext.binary else 0
     dim_in = code_bytes * 8 if ext.binary else d_final
-    spec = _store_spec(milvus_uri, metric, dim_in, n, ann, search) if milvus_uri else auto_spec(metric, dim_in, n, ann=ann, **(search or {}))
+    spec = (_store_spec(milvus_uri, metric, dim_in, n, b.ann, b.search) if milvus_uri
+            else auto_spec(metric, dim_in, n, ann=b.ann, **(b.search or {})))
     # features.h5 (+ raw rows a rebuild re-fits the post transform on) and the search structure, before writing a byte
-    keep_raw = bool(keep_raw and ext.needs_post_fit)
-    row_bytes = 4 * d_final + code_bytes + (4 * int(getattr(ext, "raw_dim", d_final)) if keep_raw else 0) + 300
-    store.check_space(commit, n * (row_bytes + (0 if milvus_uri else int(spec.bytes_per_image))) + (1 << 20), "the index")
-    if milvus_uri:
-        from .index.milvus import MilvusBackend, collection_name
+    b.keep_raw = bool(b.keep_raw and ext.needs_post_fit)
+    fin = _Final(names, loc, raw_of, spec, d_final, code_bytes, t0)
+    check_space(commit, n * (_row_bytes(b, fin) + (0 if milvus_uri else int(spec.bytes_per_image))) + (1 << 20), "the index")
+    if not milvus_uri:
+        return _write_rows(b, commit, FaissBackend(spec), fin)
+    from ..index.milvus import MilvusBackend, collection_name
 
-        backend = MilvusBackend(spec, milvus_uri, collection_name(b.out))
-        try:
-            manifest = _write_rows(b, commit, backend, names, raw_of, loc, spec, d_final, code_bytes, keep_raw, milvus_uri,
-                                   local, local_ext, dataset, label_names, t0, t_start)
-        except BaseException:
-            _drop_quietly(milvus_uri, backend.collection)  # the new collection of a build that did not land
-            raise
-        old = (b.old_manifest or {}).get("store") or {}
-        if old.get("uri") and old.get("collection") != backend.collection:
-            _drop_quietly(old["uri"], old["collection"], b.say)  # the replaced index's vectors
-        return manifest
-    backend = FaissBackend(spec)
-    return _write_rows(b, commit, backend, names, raw_of, loc, spec, d_final, code_bytes, keep_raw, None,
-                       local, local_ext, dataset, label_names, t0, t_start)
+    backend = MilvusBackend(spec, milvus_uri, collection_name(b.out))
+    try:
+        manifest = _write_rows(b, commit, backend, fin)
+    except BaseException:
+        _drop_quietly(milvus_uri, backend.collection)  # the new collection of a build that did not land
+        raise
+    old = (b.old_manifest or {}).get("store") or {}
+    if old.get("uri") and old.get("collection") != backend.collection:
+        _drop_quietly(old["uri"], old["collection"], b.say)  # the replaced index's vectors
+    return manifest
+
+
+def _row_bytes(b: _Build, fin: _Final) -> int:
+    raw = 4 * int(getattr(b.ext, "raw_dim", fin.d_final)) if b.keep_raw else 0
+    return 4 * fin.d_final + fin.code_bytes + raw + 300
 
 
 def _drop_quietly(uri: str, collection: str, say: Optional[Callable[[str], None]] = None) -> None:
-    from .index.milvus import drop_collection
+    from ..index.milvus import drop_collection
 
     try:
         drop_collection(uri, collection)
@@ -532,89 +500,91 @@ def _drop_quietly(uri: str, collection: str, say: Optional[Callable[[str], None]
             say(f"warning: the old Milvus collection {collection} on {uri} could not be dropped ({e}); drop it by hand")
 
 
-def _write_rows(b: _Build, commit: Path, backend, names: List[str], raw_of, loc, spec: SearchSpec, d_final: int, code_bytes: int,
-                keep_raw: bool, milvus_uri: Optional[str], local: Optional[str], local_ext, dataset, label_names,
-                t0: float, t_start: float) -> Dict[str, Any]:
+def _write_rows(b: _Build, commit: Path, backend, fin: _Final) -> Dict[str, Any]:
     """features.h5 and the search structure (faiss file or Milvus collection + pointer), chunk by chunk, then the
-    learned state, local features and manifest in ``commit``, moved into place."""
-    ext, work, want = b.ext, b.work, b.want
-    n = len(names)
-    metric = spec.metric
-    row_bytes = 4 * d_final + code_bytes + (4 * int(getattr(ext, "raw_dim", d_final)) if keep_raw else 0) + 300
+    learned state, local features, k-NN graph and manifest in ``commit``, moved into place."""
+    ext, want, names, n = b.ext, b.want, fin.names, len(fin.names)
     if not backend.is_trained:
-        f_final = ext.post(raw_of(_fit_rows(n, spec)))
+        f_final = ext.post(fin.raw_of(fit_rows(n, fin.spec)))
         backend.train(ext.encode(f_final) if ext.binary else f_final)
         del f_final
     labels = [want[nm].label for nm in names]
-    chunk = max(1, min(65536, FINAL_CHUNK_BYTES // max(1, row_bytes)))
-    with store.h5_writing(commit / store.FEATURES) as f:
-        w = store.FeatureWriter(f, d_final, "f4", key="descriptors")
+    chunk = max(1, min(65536, FINAL_CHUNK_BYTES // max(1, _row_bytes(b, fin))))
+    with h5_writing(commit / FEATURES) as f:
+        w = FeatureWriter(f, fin.d_final, "f4", key="descriptors")
         for a in range(0, n, chunk):
             sel = list(range(a, min(n, a + chunk)))
-            raw = raw_of(sel)
+            raw = fin.raw_of(sel)
             final = ext.post(raw).astype(np.float32)
             codes = ext.encode(final) if ext.binary else None
             part = names[a : a + len(sel)]
-            w.append(store.Rows(part, [str(want[nm].path.resolve()) for nm in part], labels[a : a + len(sel)],
-                                [loc[nm][2] for nm in part], [loc[nm][3] for nm in part], final))
+            w.append(Rows(part, [str(want[nm].path.resolve()) for nm in part], labels[a : a + len(sel)],
+                          [fin.loc[nm][2] for nm in part], [fin.loc[nm][3] for nm in part], final))
             ids = np.arange(a, a + len(sel), dtype=np.int64)
             w.append_array("ids", ids)
             if codes is not None:
                 w.append_array("codes", codes)
-            if keep_raw:
+            if b.keep_raw:
                 w.append_array("raw", raw)
-            if milvus_uri:
-                backend.add(ids, codes if codes is not None else final, names=part, labels=labels[a : a + len(sel)])
-            else:
-                backend.add(ids, codes if codes is not None else final)
-    search_file = store.MILVUS_FILE if milvus_uri else store.FAISS_FILES[metric]
+            extra = {"names": part, "labels": labels[a : a + len(sel)]} if b.milvus_uri else {}
+            backend.add(ids, codes if codes is not None else final, **extra)
+    search_file = MILVUS_FILE if b.milvus_uri else FAISS_FILES[fin.spec.metric]
     backend.save(commit / search_file)
     st = ext.state()
     if st:
-        store.save_state(commit / STATE_FILE, st)
+        save_state(commit / STATE_FILE, st)
     for k, src in ext.bundle().items():
         shutil.copyfile(src, commit / f"{k}.h5")
-    if local_ext is not None:
-        os.replace(work / "local.h5", commit / "local.h5")
-    k_graph = 0 if milvus_uri else knn.graph_k(b.graph)
-    if k_graph:  # each gallery image's neighbours, by the index's own search (cbir/index/knn.py)
+    if b.local_ext is not None:
+        os.replace(b.work / LOCAL_FILE, commit / LOCAL_FILE)
+    k_graph = _write_graph(b, commit, backend, n)
+    b.seconds["index"] = round(time.time() - fin.t0, 3)
+    b.seconds["total"] = round(time.time() - b.t_start, 3)
+    manifest = write_manifest(commit, _manifest_fields(b, fin, backend, search_file, labels, k_graph))
+    commit_folder(commit, b.out)
+    return manifest
+
+
+def _write_graph(b: _Build, commit: Path, backend, n: int) -> int:
+    """knn.h5: each gallery image's neighbours by the index's own search (cbir/index/knn.py), when the index records a
+    graph stage (never for a Milvus store); returns its k (0: none)."""
+    k_graph = 0 if b.milvus_uri else knn.graph_k(b.graph)
+    if k_graph:
         t1 = time.time()
         pb = _progress(total=n, desc="k-NN graph", enabled=b.progress, unit="image")
-        nbr, sims = knn.compute_from_file(commit / store.FEATURES, np.arange(n, dtype=np.int64), backend.search, k_graph, pb.update)
+        nbr, sims = knn.compute_from_file(commit / FEATURES, np.arange(n, dtype=np.int64), backend.search, k_graph, pb.update)
         pb.close()
         knn.write(commit / knn.GRAPH_FILE, nbr, sims)
         b.seconds["graph"] = round(time.time() - t1, 3)
-    b.seconds["index"] = round(time.time() - t0, 3)
-    b.seconds["total"] = round(time.time() - t_start, 3)
-    manifest = {
-        "format_version": store.FORMAT_VERSION,
+    return k_graph
+
+
+def _manifest_fields(b: _Build, fin: _Final, backend, search_file: str, labels, k_graph: int) -> Dict[str, Any]:
+    """What a build records in the manifest (:func:`cbir.index.manifest.write_manifest` adds the files and checksums)."""
+    ext, n = b.ext, len(fin.names)
+    return {
         "cbir_version": __version__,
-        "created": store.now_iso(),
         "extractor": {**ext.identity(with_state=True), "key": b.key, "key_nostate": b.key_nostate},
         "kind": "binary" if ext.binary else "float",
-        "dim": d_final,
+        "dim": fin.d_final,
         "code_bits": int(ext.code_bits) if ext.binary else None,
-        "metric": metric,
+        "metric": fin.spec.metric,
         "faiss": search_file,
-        "store": ({"kind": "milvus", "uri": milvus_uri, "collection": backend.collection} if milvus_uri else None),
-        "ann": spec.ann,
-        "search": spec.to_json(),
-        "next_id": n,
+        "store": ({"kind": "milvus", "uri": b.milvus_uri, "collection": backend.collection} if b.milvus_uri else None),
+        "ann": fin.spec.ann,
+        "search": fin.spec.to_json(),
+        "next_id": next_id(None, np.arange(n)),
         "count": n,
-        "dataset": dataset or {},
+        "dataset": b.dataset or {},
         "labels": sorted({l for l in labels if l is not None}),
-        "label_names": label_names or {},
+        "label_names": b.label_names or {},
         "failures": b.failures,
-        "keep_raw": keep_raw,
+        "keep_raw": b.keep_raw,
         "seconds": b.seconds,
-        "local": ({"name": local, "key": local_ext.key(), "identity": local_ext.identity()} if local_ext else None),
+        "local": ({"name": b.local, "key": b.local_ext.key(), "identity": b.local_ext.identity()} if b.local_ext else None),
         "graph": b.graph,
         "knn": {"file": knn.GRAPH_FILE, "k": k_graph} if k_graph else None,
     }
-    manifest["files"] = {p.name: store.file_record(p) for p in sorted(commit.iterdir()) if p.is_file()}
-    store.write_json_atomic(manifest, commit / store.MANIFEST)
-    store.commit_folder(commit, b.out)
-    return manifest
 
 
 def _sample_rows(n: int, cap: int = 200_000) -> np.ndarray:
@@ -624,29 +594,11 @@ def _sample_rows(n: int, cap: int = 200_000) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
 
 
-def _fit_rows(n: int, spec: SearchSpec, cap: int = 200_000) -> np.ndarray:
+def fit_rows(n: int, spec: SearchSpec, cap: int = 200_000) -> np.ndarray:
     """Rows a search structure is trained on: all of a small gallery, else a seeded sample (PCA, PQ, IVF centroids)."""
     if not (spec.dim or spec.codec == "pq" or spec.ann == "ivf") or n <= cap:
         return np.arange(n)
     return np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
-
-
-def _put_local(writer, local_ext, e: Entry, img: np.ndarray, pb) -> None:
-    """Store one image's local features; a failure leaves that image without them (re-ranking scores it 0)."""
-    try:
-        writer.put(e.name, local_ext.extract(img))
-    except Exception as err:  # noqa: BLE001 - reported with the file name, the global row stays
-        _log(f"warning: {e.path}: no local features ({err})", pb)
-
-
-def _decode_side(a: Optional[int], b: Optional[int]) -> Optional[int]:
-    return None if a is None or b is None else max(a, b)
-
-
-def shrink(img: np.ndarray, side: Optional[int]) -> np.ndarray:
-    from .data import resize_max_side
-
-    return resize_max_side(img, side) if side else img
 
 
 def _pre_post_state(arrays: Dict[str, np.ndarray], ext: Extractor) -> Dict[str, np.ndarray]:
@@ -655,17 +607,3 @@ def _pre_post_state(arrays: Dict[str, np.ndarray], ext: Extractor) -> Dict[str, 
     if keep is None:
         return arrays
     return {k: v for k, v in arrays.items() if any(k == p or k.startswith(p + "/") for p in keep)}
-
-
-def _extract_singly(ext, item, failures, strict, pb, exc):
-    out = []
-    for _, e, img in item:
-        try:
-            out.append(ext.extract([shrink(img, ext.max_side)])[0])
-        except Exception as err:  # noqa: BLE001 - reported with the file name
-            if strict:
-                raise CbirError(f"--strict: {e.path}: extraction failed ({err})") from err
-            failures.append({"path": str(e.path), "name": e.name, "cause": f"extraction failed ({err})"})
-            _log(f"skipped {e.path}: extraction failed ({err})", pb)
-            out.append(None)
-    return out
