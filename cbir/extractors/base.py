@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import CbirError
 from ..registry import Registry
+from ..vectors import l2n
 
 EXTRACTORS: Registry = Registry("extractor", plugins=[f"cbir.extractors.{m}" for m in ("colour", "fused", "hashing", "pooled", "semantic", "vlad")])
 
@@ -171,11 +172,6 @@ class Extractor:
     def key(self, with_state: bool = True) -> str:
         """Short digest of the identity: rows extracted under the same key are interchangeable."""
         return digest(self.identity(with_state))
-
-
-def l2n(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def make_extractor(name: str, conf: Optional[Dict[str, Any]] = None) -> Extractor:

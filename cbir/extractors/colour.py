@@ -10,7 +10,8 @@ from typing import List
 
 import numpy as np
 
-from .base import EXTRACTORS, Extractor, l2n
+from ..vectors import l2n
+from .base import EXTRACTORS, Extractor
 
 
 @EXTRACTORS.register("colour")

@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 
 from ..errors import CbirError
-from .base import EXTRACTORS, Extractor, l2n, make_extractor
+from ..vectors import l2n
+from .base import EXTRACTORS, Extractor, make_extractor
 from .whitening import make_whitening, normalise_whiten
 
 #: the default parts (measured in benchmarks/quality.py; README explains the choice).

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .base import EXTRACTORS, Extractor, l2n
+from ..vectors import l2n
+from .base import EXTRACTORS, Extractor
 from .whitening import make_whitening, normalise_whiten
 from .batching import images_to_batches, resize_to, torch_inference
 

@@ -14,7 +14,8 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from ..errors import CbirError
-from .base import EXTRACTORS, Extractor, l2n
+from ..vectors import l2n
+from .base import EXTRACTORS, Extractor
 
 
 @EXTRACTORS.register("vlad")

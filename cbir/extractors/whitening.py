@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ..errors import CbirError
-from .base import l2n
+from ..vectors import l2n
 
 #: the state keys (under a prefix) an extractor stores
 KEYS = ("mean", "proj")

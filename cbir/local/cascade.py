@@ -29,14 +29,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import CbirError
+from ..vectors import l2n
 from .base import Features, correspondences
 from .mnn import batched_mutual_nn
 from .verify import Verification, verify
-
-
-def _unit(d) -> np.ndarray:
-    d = np.asarray(d, np.float32)
-    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
 
 
 def pair_result(v: Verification, kp0: np.ndarray, kp1: np.ndarray, n_matches: int, why: Mapping[str, Any], stage: int,
@@ -115,8 +111,8 @@ class Cascade:
         qkp = np.asarray(query["keypoints"], np.float32).reshape(-1, 2)
         qsize = tuple(int(x) for x in np.asarray(query["image_size"]).reshape(2))
         t = time.perf_counter()
-        qd = _unit(query["descriptors"])
-        cds = [_unit(candidates[k]["descriptors"]) for k in present]
+        qd = l2n(query["descriptors"])
+        cds = [l2n(candidates[k]["descriptors"]) for k in present]
         with_ratio = self.ratio_gate is not None or self.fit_ratio is not None
         matches = batched_mutual_nn(qd, cds, max_elements=self.max_elements, min_similarity=self.min_similarity, with_ratio=with_ratio)
         self._add("match_s", time.perf_counter() - t)

@@ -31,6 +31,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from ..errors import CbirError
+from ..vectors import l2n
 
 #: storage of the legacy layout (float32 everywhere) and of the compact one
 STORAGE_FLOAT32: Dict[str, str] = {"descriptors": "float32", "keypoints": "float32", "scores": "float32"}
@@ -217,7 +218,7 @@ class Projection:
         if d.shape[1] != self.matrix.shape[0]:
             raise CbirError(f"descriptor projection {self.name!r} takes {self.matrix.shape[0]}-d descriptors, got {d.shape[1]}-d")
         p = d @ self.matrix
-        return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        return l2n(p)
 
     def identity(self) -> Dict[str, Any]:
         return {"basis": self.name, "dim": self.dim, "sha256": basis_sha256(self.name)}

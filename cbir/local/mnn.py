@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CbirError
+from ..vectors import l2n
 from .base import MATCHERS, Features, Matches, SparseMatcher, check_features, empty_matches
 
 
@@ -63,11 +64,6 @@ def _select(idx01: np.ndarray, best01: np.ndarray, second01: np.ndarray, col_arg
     return {"matches": np.stack([i0, idx01[i0]], axis=1).astype(np.int64).reshape(-1, 2), "scores": best01[i0].astype(np.float32)}
 
 
-def _unit(desc) -> np.ndarray:
-    d = np.asarray(desc, np.float32)
-    return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
-
-
 @MATCHERS.register("mnn")
 class MNN(SparseMatcher):
     """Mutual nearest neighbours, with optional Lowe ratio test and L2 distance threshold (on unit descriptors)."""
@@ -81,12 +77,12 @@ class MNN(SparseMatcher):
     }
 
     def _match(self, feats0: Features, feats1: Features) -> Matches:
-        return mnn_from_blocks(_unit(feats0["descriptors"]), _unit(feats1["descriptors"]), self.conf, int(self.conf["max_elements"]))
+        return mnn_from_blocks(l2n(feats0["descriptors"]), l2n(feats1["descriptors"]), self.conf, int(self.conf["max_elements"]))
 
     def match_many(self, query: Features, candidates: Sequence[Features]) -> List[Matches]:
         """One query against many candidates, several candidates per matrix product (bounded by ``max_elements``)."""
         check_features(query, "query features")
-        q = _unit(query["descriptors"])
+        q = l2n(query["descriptors"])
         limit = int(self.conf["max_elements"])
         out: List[Matches] = [empty_matches() for _ in candidates]
         group: List[int] = []
@@ -96,7 +92,7 @@ class MNN(SparseMatcher):
             nonlocal group, cols
             if not group:
                 return
-            descs = [_unit(candidates[k]["descriptors"]) for k in group]
+            descs = [l2n(candidates[k]["descriptors"]) for k in group]
             sim = q @ np.concatenate(descs, axis=0).T
             start = 0
             for k, d in zip(group, descs):

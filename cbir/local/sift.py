@@ -11,6 +11,7 @@ from typing import Any, Dict
 import cv2
 import numpy as np
 
+from ..vectors import l2n
 from .base import EXTRACTORS, KeypointExtractor, Features, make_features
 
 
@@ -56,7 +57,7 @@ class SIFT(KeypointExtractor):
         return make_features(xy[order], desc, resp[order], (w, h))
 
     def _normalise(self, desc: np.ndarray) -> np.ndarray:
-        return desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
+        return l2n(desc)
 
 
 @EXTRACTORS.register("rootsift")

@@ -5,7 +5,7 @@ import pytest
 
 from cbir.errors import CbirError
 from cbir.extractors import configure, make_extractor
-from cbir.extractors.base import l2n
+from cbir.vectors import l2n
 
 from helpers import assert_close_rel, assert_close_scaled, assert_unit_rows, rel_diff, textured
 
