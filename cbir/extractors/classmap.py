@@ -11,7 +11,8 @@ ALIKED and XFeat), so it lives in the same space as the global one:
   neighbourhood of cells (sums added, divided by the counts), L2-normalised per stage, concatenated,
   L2-normalised -- exactly what ``pooled`` computes for an image made of those cells;
 * ``colour`` parts: the HSV histogram of the same neighbourhood (cell edges mapped onto the 256-px
-  image the colour part sees), square-rooted and L2-normalised;
+  image the colour part sees; counted by :func:`~cbir.extractors.colour.cell_histograms`, the colour
+  extractor's own code), square-rooted and L2-normalised;
 * ``fused``: ``concat(sqrt(w_i) part_i)``, L2-normalised, as :class:`~cbir.extractors.fused.FusedExtractor`.
 
 The head's standardisation and linear layers then run as 1x1 convolutions: ``(K, h, w)`` logits.
@@ -23,17 +24,17 @@ scores exactly like the whole image.
 the training images'); class maps default to ``window=3`` (96 px neighbourhoods), pooled weighting to
 ``window=1`` (see :data:`DEFAULT_WINDOW`; measured by ``benchmarks/fcn_weighting.py``).
 
-Upsampling to pixels (:func:`argmax_upsample`): softmax at coarse resolution, then the classes that
-cannot win anywhere are pruned exactly (a bilinear value lies between the min and max of its 2x2
-cells), and the rest go through :func:`~cbir.extractors.upsample.upsample_class_scores` ``chunk``
-classes at a time with a running argmax -- memory ``~H*W*(4*chunk + 40)`` bytes whatever ``K``.
+Upsampling to pixels: :func:`~cbir.extractors.upsample.argmax_upsample` (softmax at coarse resolution,
+the classes that cannot win anywhere pruned exactly, the rest upsampled ``chunk`` classes at a time with
+a running argmax -- memory ``~H*W*(4*chunk + 40)`` bytes whatever ``K``). The foreground weighting of
+``pooled`` by these maps is :mod:`cbir.extractors.weighting`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,202 +44,32 @@ __all__ = [
     "ClassMapper",
     "class_scores",
     "class_map",
-    "argmax_upsample",
-    "prune_classes",
-    "upsample_memory_bytes",
-    "normalise_weighting",
-    "WEIGHTING_MODES",
+    "check_window",
     "DEFAULT_WINDOW",
-    "WEIGHTING_WINDOW",
 ]
 
 #: cells per side of the neighbourhood a location's descriptor is pooled over (None: the whole image).
 #: Class maps (``cbir segment``): 3, whose cells agree with the image's label more often (corel1k test
-#: split: 66% of the cells vs 48% with 1); pooled weighting: 1, the sharper map retrieves better
-#: (P@10 0.844 vs 0.808). Figures in benchmarks/results/fcn_weighting.json.
+#: split: 66% of the cells vs 48% with 1); pooled weighting uses 1
+#: (:data:`~cbir.extractors.weighting.WEIGHTING_WINDOW`). Figures in benchmarks/results/fcn_weighting.json.
 DEFAULT_WINDOW = 3
-WEIGHTING_WINDOW = 1
-#: ``pooled`` foreground weighting modes: the weight of a location is
-#: ``predicted``: the probability of the image's predicted class (global head output) there;
-#: ``confidence``: the probability of the class predicted there (its own argmax);
-#: ``nonbackground``: 1 - the probability of the head's background class.
-WEIGHTING_MODES = ("predicted", "confidence", "nonbackground")
 #: grid stride for a head whose base has no CNN part (colour only)
 COLOUR_ONLY_STRIDE = 32
 
-_MAPPERS: Dict[Tuple[str, float, Any], "ClassMapper"] = {}
+
+# ------------------------------------------------------------------------------- colour counts per cell
 
 
-# ------------------------------------------------------------------------------- memory bound
+def _colour_counts(image: np.ndarray, bins: Sequence[int], fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """``(nbins, gh, gw)`` float64 HSV histogram counts per cell (:func:`~cbir.extractors.colour.cell_histograms`, the
+    colour extractor's own); ``fy``/``fx`` are the cell edges as fractions of the image."""
+    from .colour import cell_histograms
 
-
-def upsample_memory_bytes(num_classes: int, height: int, width: int, chunk: Optional[int] = 32, dtype_bytes: int = 4) -> int:
-    """Approximate peak bytes of upsampling ``num_classes`` score maps to ``height x width`` and taking the argmax.
-
-    ``chunk=None``: the naive way, every class map at full size at once (plus the argmax outputs);
-    otherwise :func:`~cbir.extractors.upsample.upsample_class_scores`' bound ``H*W*(4*chunk + 40)``
-    (the upsampled chunk, the result maps and a few ``H x W`` temporaries). Pruning (see
-    :func:`prune_classes`) only lowers the number of classes that go through.
-    """
-    hw = int(height) * int(width)
-    if chunk is None:
-        return hw * (dtype_bytes * int(num_classes) + 12)
-    return hw * (dtype_bytes * min(int(chunk), int(num_classes)) + 40)
-
-
-# ------------------------------------------------------------------------------- upsampling with pruning
-
-
-def prune_classes(scores) -> "torch.Tensor":
-    """Sorted ids of the classes that can win the bilinear argmax somewhere (exact, conservative).
-
-    ``scores`` ``(K, h, w)``. Every upsampled pixel is ``v_c = sum_k w_k s_ck`` over a 2x2 block of the
-    coarse grid framed by one ring of zeros (the transposed convolution's border), ``w_k >= 0``. The
-    frame adds 0 to every class; with ``a`` the weight on the block's real cells, ``v_c <= a max_k s_ck``
-    while for any set ``T`` of classes ``max_T v_d >= mean_T v_d >= a min_k mean_T s_dk``. Two sets are
-    tried per block: each single class (the bound ``max_d min_k s_dk``) and the cells' own winners (the
-    tight one when the block straddles two regions). A class below the bound in every block never
-    wins and is dropped; ties are kept.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    s = torch.as_tensor(scores)
-    if s.dim() != 3:
-        raise ValueError(f"expected (K, h, w) scores, got {tuple(s.shape)}")
-    K, h, w = s.shape
-    s4 = s.unsqueeze(0)
-    hi = F.max_pool2d(F.pad(s4, (1, 1, 1, 1), value=-math.inf), 2, stride=1)[0]
-    lo = -F.max_pool2d(F.pad(-s4, (1, 1, 1, 1), value=-math.inf), 2, stride=1)[0]
-    bound = lo.max(0).values  # (h+1, w+1)
-    # the cells' winners as T: the 4 cells of block (i, j) are padded cells (i..i+1, j..j+1)
-    win = F.pad(s.argmax(0), (1, 1, 1, 1), value=-1)  # -1: frame
-    cells = [(dy, dx) for dy in (0, 1) for dx in (0, 1)]
-    ids = torch.stack([win[dy : dy + h + 1, dx : dx + w + 1] for dy, dx in cells])  # (4, h+1, w+1)
-    real = ids >= 0
-    uniq = real.clone()
-    for j in range(1, 4):
-        for i in range(j):
-            uniq[j] &= ids[j] != ids[i]
-    sp = F.pad(s4, (1, 1, 1, 1))[0]  # frame values are masked out below
-    safe = ids.clamp(min=0)
-    yy = torch.arange(h + 1).view(-1, 1)
-    xx = torch.arange(w + 1).view(1, -1)
-    mean_t = []
-    for dy, dx in cells:  # for each cell k of the block: mean over T of s_dk
-        vals = torch.stack([sp[safe[j], yy + dy, xx + dx] for j in range(4)])  # (4, h+1, w+1)
-        m = (vals * uniq).sum(0) / uniq.sum(0).clamp(min=1)
-        cell_real = (win[dy : dy + h + 1, dx : dx + w + 1] >= 0)
-        mean_t.append(torch.where(cell_real, m, torch.full_like(m, math.inf)))
-    bound = torch.maximum(bound, torch.stack(mean_t).min(0).values)
-    keep = (hi >= bound).flatten(1).any(1)
-    return torch.nonzero(keep).flatten()
-
-
-def argmax_upsample(
-    scores,
-    factor: int,
-    out_size: Optional[Tuple[int, int]] = None,
-    chunk: int = 32,
-    softmax: bool = True,
-    prune: bool = True,
-    border: str = "renormalise",
-) -> Tuple["torch.Tensor", "torch.Tensor"]:
-    """Per-pixel class and confidence of ``(K, h, w)`` coarse scores upsampled by ``factor``.
-
-    ``softmax``: probabilities are computed at coarse resolution and interpolated (confidence in
-    [0, 1]); ``prune``: only the classes of :func:`prune_classes` are upsampled (same result); the
-    upsampling itself is :func:`~cbir.extractors.upsample.upsample_class_scores` (``chunk`` classes at
-    a time). The transposed convolution interpolates with zeros beyond the border, which darkens the
-    outer ``factor/2`` pixels; ``border="renormalise"`` divides the confidence by the upsampled
-    all-ones map there (labels are unaffected: the factor is common to all classes), ``"zero"`` keeps
-    the seed's values.
-    """
-    import torch
-
-    from .upsample import upsample_class_scores
-
-    s = torch.as_tensor(scores)
-    if s.dim() == 4:
-        s = s[0]
-    if not s.is_floating_point():
-        s = s.float()
-    if softmax:
-        s = torch.softmax(s, dim=0)
-    ids = prune_classes(s) if prune else None
-    if ids is not None and len(ids) < s.shape[0]:
-        labels, conf = upsample_class_scores(s[ids], factor, out_size=out_size, chunk=chunk)
-        labels = ids[labels]
-    else:
-        labels, conf = upsample_class_scores(s, factor, out_size=out_size, chunk=chunk)
-    if border == "renormalise":
-        ones = torch.ones((1,) + tuple(s.shape[1:]), dtype=s.dtype)
-        gain = upsample_class_scores(ones, factor, out_size=out_size, chunk=1)[1]
-        conf = conf / gain.clamp(min=1e-12)
-    elif border != "zero":
-        raise ValueError(f"border must be 'renormalise' or 'zero', got {border!r}")
-    return labels, conf
-
-
-def _upsample_renormalised(x, factor: int):
-    """Bilinear upsampling (transposed convolution) of ``(B, C, h, w)`` with the zero border divided out."""
-    import torch
-
-    from .upsample import upsample_bilinear
-
-    if factor == 1:
-        return x
-    ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype)
-    return upsample_bilinear(x, factor) / upsample_bilinear(ones, factor).clamp(min=1e-12)
-
-
-# ------------------------------------------------------------------------------- colour histograms per cell
-
-
-_COLOUR_LUT: Dict[Tuple[int, int, int], Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-
-def _colour_lut(bins: Sequence[int]):
-    """Per-channel bin of every 8-bit value, as ``cv2.calcHist`` (the colour extractor) bins it."""
-    import cv2
-
-    key = tuple(int(b) for b in bins)
-    if key not in _COLOUR_LUT:
-        luts = []
-        for b, hi in zip(key, (180, 256, 256)):
-            lut = np.full(256, -1, np.int64)
-            for v in range(256):
-                h = cv2.calcHist([np.array([[v]], np.uint8)], [0], None, [b], [0, hi]).ravel()
-                if h.sum() > 0:
-                    lut[v] = int(np.argmax(h))
-            luts.append(lut)
-        _COLOUR_LUT[key] = tuple(luts)
-    return _COLOUR_LUT[key]
-
-
-def _cell_index(n: int, edges: np.ndarray) -> np.ndarray:
-    """Cell of each of ``n`` pixels along one axis, for cell edges ``edges`` (``edges[0]=0``, ``edges[-1]=n``)."""
-    return np.searchsorted(edges[1:], np.arange(n), side="right")
-
-
-def _colour_cells(img: np.ndarray, bins: Sequence[int], fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
-    """``(nbins, gh, gw)`` HSV histogram counts per cell; ``fy``/``fx`` are cell edges as fractions of the image."""
-    import cv2
-
-    lh, ls, lv = _colour_lut(bins)
-    b0, b1, b2 = (int(b) for b in bins)
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-    H, W = hsv.shape[:2]
-    binidx = (lh[hsv[..., 0]] * b1 + ls[hsv[..., 1]]) * b2 + lv[hsv[..., 2]]
-    valid = (lh[hsv[..., 0]] >= 0) & (ls[hsv[..., 1]] >= 0) & (lv[hsv[..., 2]] >= 0)
+    H, W = image.shape[:2]
     ey = np.round(fy * H).astype(np.int64)
     ex = np.round(fx * W).astype(np.int64)
-    gh, gw = len(fy) - 1, len(fx) - 1
-    cell = _cell_index(H, ey)[:, None] * gw + _cell_index(W, ex)[None, :]
-    nb = b0 * b1 * b2
-    flat = (cell * nb + binidx)[valid]
-    counts = np.bincount(flat.ravel(), minlength=gh * gw * nb).reshape(gh, gw, nb)
-    return counts.transpose(2, 0, 1).astype(np.float64)
+    return cell_histograms(image, bins, ey, ex).transpose(2, 0, 1).astype(np.float64)
+
 
 
 # ------------------------------------------------------------------------------- window sums
@@ -269,7 +100,9 @@ def _l2n(x, dim: int = 1, eps: float = 1e-12):
     return x / x.norm(dim=dim, keepdim=True).clamp(min=eps)
 
 
-def _check_window(window) -> Optional[int]:
+def check_window(window) -> Optional[int]:
+    """A window option as cells per side (a positive odd int) or ``None`` (the whole image: ``None``, "none",
+    "global", "image")."""
     if window is None or (isinstance(window, str) and window.lower() in ("none", "global", "image")):
         return None
     if isinstance(window, bool) or int(window) != window or int(window) < 1 or int(window) % 2 == 0:
@@ -306,7 +139,7 @@ class ClassMapper:
         if not isinstance(head, dict) or "layers" not in head:
             raise CbirError(f"ClassMapper needs a head file, a head dict or a semantic extractor, got {type(head).__name__}")
         self.head: Dict[str, Any] = head
-        self.window = _check_window(window)
+        self.window = check_window(window)
         b = head["base"]
         self.base = make_extractor(b["name"], b["conf"])
         if self.base.name == "fused":
@@ -373,7 +206,7 @@ class ClassMapper:
         return x
 
     # -- geometry -----------------------------------------------------------------------------
-    def _stage_strides(self, part) -> Dict[str, int]:
+    def stage_strides(self, part) -> Dict[str, int]:
         """Stride of each stage of a pooled part's backbone, probed once on a 256x256 input."""
         import torch
 
@@ -417,7 +250,7 @@ class ClassMapper:
         from ..data import resize_max_side
         from .batching import images_to_batches
 
-        wins = [self.window if w == "default" else _check_window(w) for w in windows]
+        wins = [self.window if w == "default" else check_window(w) for w in windows]
         if not images:
             raise CbirError("class maps: no image")
         H, W = images[0].shape[:2]
@@ -436,7 +269,7 @@ class ClassMapper:
             else:
                 with torch.inference_mode():
                     m = e.maps(next(images_to_batches(ims))[1])
-            st = self._stage_strides(e)
+            st = self.stage_strides(e)
             coarse = max(e.stages, key=lambda s: st[s])
             grids.add((int(m[coarse].shape[-2]), int(m[coarse].shape[-1]), st[coarse], tuple(ims[0].shape[:2])))
             cnn.append((e, m))
@@ -467,7 +300,7 @@ class ClassMapper:
                     cells = []
                     for im in images:
                         ic = resize_max_side(im, e.max_side) if e.max_side and shrink_parts else im
-                        cells.append(_colour_cells(ic, bins, fy, fx))
+                        cells.append(_colour_counts(ic, bins, fy, fx))
                     counts = torch.from_numpy(np.stack(cells))  # float64 counts: exact sums
                     for i, w in enumerate(wins):
                         hist = _window_sum(counts, w)
@@ -481,7 +314,7 @@ class ClassMapper:
         import torch
         import torch.nn.functional as F
 
-        strides = self._stage_strides(e)
+        strides = self.stage_strides(e)
         method, p = e.conf["pool"], float(e.conf["p"])
         stats = []
         for s in e.stages:
@@ -545,6 +378,8 @@ class ClassMapper:
         import cv2
         import torch
 
+        from .upsample import argmax_upsample
+
         H, W = image.shape[:2]
         img = self.prepare(image) if analyse else image
         Ha, Wa = img.shape[:2]
@@ -564,7 +399,7 @@ class ClassMapper:
             labels = cv2.resize(labels.numpy().astype(np.int32), (W, H), interpolation=cv2.INTER_NEAREST).astype(np.int64)
             conf = cv2.resize(conf.numpy().astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
         info = {"grid": [int(gh), int(gw)], "stride": round(float(stride_a * H / Ha), 4), "analysed_size": [int(Ha), int(Wa)],
-                "size": [int(H), int(W)], "window": self.window if window == "default" else _check_window(window),
+                "size": [int(H), int(W)], "window": self.window if window == "default" else check_window(window),
                 "upsampling": "direct" if direct else "analysed+resize",
                 "global": {"id": int(g.argmax()), "probability": round(float(g.max()), 4)}}
         return labels, conf, info
@@ -572,54 +407,6 @@ class ClassMapper:
     def global_logits(self, image: np.ndarray, analyse: bool = True) -> np.ndarray:
         """The head's output for the whole image (``window=None``): equals the ``semantic`` extractor's logits."""
         return self.scores(image, window=None, analyse=analyse)[0][:, 0, 0]
-
-    # -- foreground weights for pooled ------------------------------------------------------------------
-    def weight_maps(self, batch, spec: Dict[str, Any], sizes: Dict[str, Tuple[int, int]],
-                    maps: Optional[Dict[str, Any]] = None, strides: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
-        """``{stage: (B, 1, h, w)}`` location weights for a float batch ``(B, 3, H, W)`` in [0, 1].
-
-        ``spec``: a normalised weighting (:func:`normalise_weighting`). With ``maps`` and ``strides``
-        (the caller's backbone is the head's: same maps), the coarse weights are upsampled exactly onto
-        each stage's grid; otherwise they are upsampled to the image and resized to each stage.
-        """
-        import torch
-        import torch.nn.functional as F
-
-        images = [np.ascontiguousarray(t) for t in (batch * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()]
-        win = _check_window(spec.get("window", WEIGHTING_WINDOW))
-        mode = spec["mode"]
-        (desc, glob), stride = self.descriptors_for_windows(images, [win, None], maps=maps)
-        with torch.inference_mode():
-            prob = torch.softmax(self.apply_head(desc), dim=1)
-            if mode == "predicted":
-                cls = self.apply_head(glob[:, :, :1, :1]).argmax(1).view(-1)
-                wmap = prob[torch.arange(len(images)), cls].unsqueeze(1)
-            elif mode == "confidence":
-                wmap = prob.amax(1, keepdim=True)
-            elif mode == "nonbackground":
-                wmap = 1.0 - prob[:, self.class_index(spec["background"])].unsqueeze(1)
-            else:
-                raise CbirError(f"weighting mode {mode!r}; choose one of {WEIGHTING_MODES}")
-            # GeM divides by the weights' sum, so only their pattern counts: scale each image's map to a
-            # maximum of 1 (a map that is ~0 everywhere, e.g. all background, keeps its pattern; all 0: uniform)
-            wmap = wmap.clamp(min=0.0)
-            top = wmap.amax((-2, -1), keepdim=True)
-            wmap = torch.where(top > 0, wmap / top.clamp(min=1e-30), torch.ones_like(wmap))
-            out = {}
-            S = int(round(stride))
-            if maps is not None and strides is not None and S == stride:
-                for s, (h, w) in sizes.items():
-                    r = S // strides[s]
-                    out[s] = _upsample_renormalised(wmap, r)[..., :h, :w]
-            else:
-                H, W = images[0].shape[:2]
-                Hp, Wp = round(H * S / stride), round(W * S / stride)  # the size the head's CNN saw
-                full = _upsample_renormalised(wmap, S)[..., :Hp, :Wp]
-                if (Hp, Wp) != (H, W):
-                    full = F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
-                for s, (h, w) in sizes.items():
-                    out[s] = F.interpolate(full, size=(h, w), mode="area") if (h, w) != (H, W) else full
-        return out
 
     def class_index(self, label: str) -> int:
         """Index of a class given by its label or its display name."""
@@ -653,69 +440,3 @@ def class_map(head_or_extractor, image: np.ndarray, window: Any = "default", ana
     """Per-pixel class ids ``(H, W)`` (indices into the head's classes) and confidence ``(H, W)`` of ``image``."""
     labels, conf, _ = _mapper(head_or_extractor, window).class_map(image, window=window, analyse=analyse, chunk=chunk, prune=prune)
     return labels, conf
-
-
-# ------------------------------------------------------------------------------- pooled weighting option
-
-
-def normalise_weighting(weighting, head: Optional[str]) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """``pooled``'s ``weighting`` option -> (spec, absolute head path), or (None, None) when off.
-
-    Accepted: ``None``; a mode string (``predicted``, ``confidence``, ``nonbackground``) with the head in
-    ``weighting_head``; or ``{"head": PATH, "mode": ..., "window": 1, "background": "background"}``.
-    """
-    if weighting in (None, False, "", "none"):
-        return None, None
-    if isinstance(weighting, str):
-        weighting = {"mode": weighting}
-    if not isinstance(weighting, dict):
-        raise CbirError(f"pooled: weighting must be null, a mode {WEIGHTING_MODES} or a dict, got {weighting!r}")
-    spec = dict(weighting)
-    head = spec.pop("head", None) or head
-    unknown = sorted(set(spec) - {"mode", "window", "background"})
-    if unknown:
-        raise CbirError(f"pooled: unknown weighting option(s) {unknown}; options: head, mode, window, background")
-    mode = spec.get("mode", "predicted")
-    if mode not in WEIGHTING_MODES:
-        raise CbirError(f"pooled: weighting mode {mode!r}; choose one of {WEIGHTING_MODES}")
-    if not head:
-        raise CbirError('pooled: weighting needs a head: {"weighting": {"head": "HEAD.h5", "mode": "predicted"}} (make one with `cbir train`)')
-    if head.startswith("@"):
-        raise CbirError(f"pooled: weighting head {head!r} is an index reference; load the index to resolve it")
-    head = os.path.abspath(head)
-    if not os.path.isfile(head):
-        raise CbirError(f"{head}: head file not found (make one with `cbir train`)")
-    out = {"mode": mode, "window": _check_window(spec.get("window", WEIGHTING_WINDOW))}
-    if mode == "nonbackground":
-        from .semantic import load_head
-
-        out["background"] = bg = str(spec.get("background") or "background")
-        h = load_head(head)
-        if bg not in h["classes"] and bg not in (h.get("label_names") or {}).values():
-            raise CbirError(f"{head}: weighting mode nonbackground needs a background class {bg!r}; the head has {h['classes']}")
-    return out, head
-
-
-def shared_maps(pooled, mapper: ClassMapper, size: Tuple[int, int]) -> Optional[Dict[str, int]]:
-    """Stage strides when ``pooled``'s feature maps can stand in for the mapper's (same backbone and weights,
-    the image not shrunk further by the head's pooled part), else ``None``."""
-    cnn = [e for e, _ in mapper.parts if e.name == "pooled"]
-    if len(cnn) != 1:
-        return None
-    e = cnn[0]
-    if e.conf["backbone"] != pooled.conf["backbone"] or e.conf["weights"] != pooled.conf["weights"]:
-        return None
-    if e.max_side and max(size) > e.max_side:
-        return None
-    if any(s not in pooled.net.stages for s in e.stages):
-        return None
-    return mapper._stage_strides(e)
-
-
-def mapper_for(head: str, window: Optional[int]) -> ClassMapper:
-    """A cached mapper per (head file, its mtime, window): extraction reuses the loaded backbone."""
-    key = (head, os.path.getmtime(head), window)
-    if key not in _MAPPERS:
-        _MAPPERS.clear()
-        _MAPPERS[key] = ClassMapper(head, window=window)
-    return _MAPPERS[key]

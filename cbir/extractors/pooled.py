@@ -58,7 +58,7 @@ class PooledExtractor(Extractor):
         "scales": [1.0],
         "flip": False,
         "max_side": 512,
-        # foreground weighting by a semantic head's class map (cbir/extractors/classmap.py): null, a mode
+        # foreground weighting by a semantic head's class map (cbir/extractors/weighting.py): null, a mode
         # (predicted | confidence | nonbackground) or {"head": PATH, "mode": ..., "window": 1}
         "weighting": None,
         "weighting_head": None,  # the head file (also accepted as weighting["head"]); an index keeps a copy
@@ -83,7 +83,7 @@ class PooledExtractor(Extractor):
             from ..errors import CbirError
 
             raise CbirError(f"pooled: unknown pool {self.conf['pool']!r}; choose gem, gap or max")
-        from .classmap import normalise_weighting
+        from .weighting import normalise_weighting
 
         self.conf["weighting"], self.conf["weighting_head"] = normalise_weighting(self.conf["weighting"], self.conf["weighting_head"])
         from ..models.backbones import backbone_defaults
@@ -185,13 +185,13 @@ class PooledExtractor(Extractor):
         """``{stage: (B, 1, h, w)}`` weights from the head's class map of ``batch`` (None when unweighted)."""
         if not self.conf["weighting"]:
             return None
-        from .classmap import mapper_for, shared_maps
+        from .weighting import mapper_for, shared_maps, weight_maps
 
         spec = self.conf["weighting"]
         mapper = mapper_for(self.conf["weighting_head"], spec["window"])
         strides = shared_maps(self, mapper, tuple(batch.shape[-2:]))
         sizes = {s: tuple(maps[s].shape[-2:]) for s in self.stages}
-        return mapper.weight_maps(batch, spec, sizes, maps=maps if strides else None, strides=strides)
+        return weight_maps(mapper, batch, spec, sizes, maps=maps if strides else None, strides=strides)
 
     def maps(self, batch):
         """Feature maps of a float batch (B, 3, H, W) in [0, 1]."""

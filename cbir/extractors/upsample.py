@@ -31,6 +31,15 @@ The remaining conditions for ``np.allclose`` with
   no-op when ``img.min() <= 0 <= img.max()`` (e.g. the seed's ramp starting at 0,
   logits); for a strictly positive image pass ``clip=False`` or the darkened
   border pixels get clipped up.
+
+Class maps (:func:`argmax_upsample`, used by :mod:`cbir.extractors.classmap`)
+------------------------------------------------------------------------------
+Softmax at coarse resolution, then the classes that cannot win anywhere are
+pruned exactly (:func:`prune_classes`: a bilinear value lies between the min and
+max of its 2x2 cells), and the rest go through :func:`upsample_class_scores`
+``chunk`` classes at a time with a running argmax -- memory
+``~H*W*(4*chunk + 40)`` bytes whatever ``K`` (:func:`upsample_memory_bytes`).
+:func:`upsample_renormalised` divides the zero border out of a weight map.
 """
 from __future__ import annotations
 
@@ -48,6 +57,11 @@ __all__ = [
     "BilinearUpsample",
     "upsample_bilinear",
     "upsample_class_scores",
+    "upsample_padded",
+    "upsample_memory_bytes",
+    "prune_classes",
+    "argmax_upsample",
+    "upsample_renormalised",
 ]
 
 
@@ -216,7 +230,7 @@ def upsample_class_scores(
     are upsampled, which gives exactly the crop of the full upsampling.
 
     Peak memory, 4-byte scores: about ``chunk*H*W*4`` bytes for the upsampled chunk
-    (``(H + 2f) x (W + 2f)`` strictly, see :func:`_upsample_padded`) plus the two
+    (``(H + 2f) x (W + 2f)`` strictly, see :func:`upsample_padded`) plus the two
     ``H x W`` result maps (float32 + int64, 12 bytes/pixel) and a few ``H x W``
     temporaries of the same size (chunk max/argmax, mask), i.e. roughly
     ``H*W*(4*chunk + 40)`` bytes: ~0.66 GiB for K=1000 at 2048x2048 with
@@ -256,7 +270,7 @@ def upsample_class_scores(
     best = torch.full((out_h, out_w), -math.inf, dtype=scores.dtype, device=scores.device)
     labels = torch.zeros((out_h, out_w), dtype=torch.int64, device=scores.device)
     for start in range(0, num_classes, chunk):
-        up = _upsample_padded(scores[start : start + chunk], factor)
+        up = upsample_padded(scores[start : start + chunk], factor)
         vals, idx = up[:, factor : factor + out_h, factor : factor + out_w].max(dim=0)
         del up
         better = vals > best  # strict: earlier classes keep ties, like argmax
@@ -266,7 +280,7 @@ def upsample_class_scores(
     return labels, best
 
 
-def _upsample_padded(x: torch.Tensor, factor: int) -> torch.Tensor:
+def upsample_padded(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Same maps as :func:`upsample_bilinear` of ``(C, h, w)``, with a ``factor``-pixel frame.
 
     One zero row/column is added on every side and ``F.interpolate(bilinear,
@@ -280,3 +294,112 @@ def _upsample_padded(x: torch.Tensor, factor: int) -> torch.Tensor:
     padded = F.pad(x, (1, 1, 1, 1)).unsqueeze(0)
     size = (padded.shape[-2] * factor, padded.shape[-1] * factor)
     return F.interpolate(padded, size=size, mode="bilinear", align_corners=False)[0]
+
+
+# ------------------------------------------------------------------------------- class maps: pruning, argmax, borders
+
+
+def upsample_memory_bytes(num_classes: int, height: int, width: int, chunk: int | None = 32, dtype_bytes: int = 4) -> int:
+    """Approximate peak bytes of upsampling ``num_classes`` score maps to ``height x width`` and taking the argmax.
+
+    ``chunk=None``: the naive way, every class map at full size at once (plus the argmax outputs);
+    otherwise :func:`upsample_class_scores`' bound ``H*W*(4*chunk + 40)``
+    (the upsampled chunk, the result maps and a few ``H x W`` temporaries). Pruning (see
+    :func:`prune_classes`) only lowers the number of classes that go through.
+    """
+    hw = int(height) * int(width)
+    if chunk is None:
+        return hw * (dtype_bytes * int(num_classes) + 12)
+    return hw * (dtype_bytes * min(int(chunk), int(num_classes)) + 40)
+
+
+def prune_classes(scores) -> torch.Tensor:
+    """Sorted ids of the classes that can win the bilinear argmax somewhere (exact, conservative).
+
+    ``scores`` ``(K, h, w)``. Every upsampled pixel is ``v_c = sum_k w_k s_ck`` over a 2x2 block of the
+    coarse grid framed by one ring of zeros (the transposed convolution's border), ``w_k >= 0``. The
+    frame adds 0 to every class; with ``a`` the weight on the block's real cells, ``v_c <= a max_k s_ck``
+    while for any set ``T`` of classes ``max_T v_d >= mean_T v_d >= a min_k mean_T s_dk``. Two sets are
+    tried per block: each single class (the bound ``max_d min_k s_dk``) and the cells' own winners (the
+    tight one when the block straddles two regions). A class below the bound in every block never
+    wins and is dropped; ties are kept.
+    """
+    s = torch.as_tensor(scores)
+    if s.dim() != 3:
+        raise ValueError(f"expected (K, h, w) scores, got {tuple(s.shape)}")
+    K, h, w = s.shape
+    s4 = s.unsqueeze(0)
+    hi = F.max_pool2d(F.pad(s4, (1, 1, 1, 1), value=-math.inf), 2, stride=1)[0]
+    lo = -F.max_pool2d(F.pad(-s4, (1, 1, 1, 1), value=-math.inf), 2, stride=1)[0]
+    bound = lo.max(0).values  # (h+1, w+1)
+    # the cells' winners as T: the 4 cells of block (i, j) are padded cells (i..i+1, j..j+1)
+    win = F.pad(s.argmax(0), (1, 1, 1, 1), value=-1)  # -1: frame
+    cells = [(dy, dx) for dy in (0, 1) for dx in (0, 1)]
+    ids = torch.stack([win[dy : dy + h + 1, dx : dx + w + 1] for dy, dx in cells])  # (4, h+1, w+1)
+    real = ids >= 0
+    uniq = real.clone()
+    for j in range(1, 4):
+        for i in range(j):
+            uniq[j] &= ids[j] != ids[i]
+    sp = F.pad(s4, (1, 1, 1, 1))[0]  # frame values are masked out below
+    safe = ids.clamp(min=0)
+    yy = torch.arange(h + 1).view(-1, 1)
+    xx = torch.arange(w + 1).view(1, -1)
+    mean_t = []
+    for dy, dx in cells:  # for each cell k of the block: mean over T of s_dk
+        vals = torch.stack([sp[safe[j], yy + dy, xx + dx] for j in range(4)])  # (4, h+1, w+1)
+        m = (vals * uniq).sum(0) / uniq.sum(0).clamp(min=1)
+        cell_real = (win[dy : dy + h + 1, dx : dx + w + 1] >= 0)
+        mean_t.append(torch.where(cell_real, m, torch.full_like(m, math.inf)))
+    bound = torch.maximum(bound, torch.stack(mean_t).min(0).values)
+    keep = (hi >= bound).flatten(1).any(1)
+    return torch.nonzero(keep).flatten()
+
+
+def argmax_upsample(
+    scores,
+    factor: int,
+    out_size: tuple[int, int] | None = None,
+    chunk: int = 32,
+    softmax: bool = True,
+    prune: bool = True,
+    border: str = "renormalise",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel class and confidence of ``(K, h, w)`` coarse scores upsampled by ``factor``.
+
+    ``softmax``: probabilities are computed at coarse resolution and interpolated (confidence in
+    [0, 1]); ``prune``: only the classes of :func:`prune_classes` are upsampled (same result); the
+    upsampling itself is :func:`upsample_class_scores` (``chunk`` classes at
+    a time). The transposed convolution interpolates with zeros beyond the border, which darkens the
+    outer ``factor/2`` pixels; ``border="renormalise"`` divides the confidence by the upsampled
+    all-ones map there (labels are unaffected: the factor is common to all classes), ``"zero"`` keeps
+    the seed's values.
+    """
+    s = torch.as_tensor(scores)
+    if s.dim() == 4:
+        s = s[0]
+    if not s.is_floating_point():
+        s = s.float()
+    if softmax:
+        s = torch.softmax(s, dim=0)
+    ids = prune_classes(s) if prune else None
+    if ids is not None and len(ids) < s.shape[0]:
+        labels, conf = upsample_class_scores(s[ids], factor, out_size=out_size, chunk=chunk)
+        labels = ids[labels]
+    else:
+        labels, conf = upsample_class_scores(s, factor, out_size=out_size, chunk=chunk)
+    if border == "renormalise":
+        ones = torch.ones((1,) + tuple(s.shape[1:]), dtype=s.dtype)
+        gain = upsample_class_scores(ones, factor, out_size=out_size, chunk=1)[1]
+        conf = conf / gain.clamp(min=1e-12)
+    elif border != "zero":
+        raise ValueError(f"border must be 'renormalise' or 'zero', got {border!r}")
+    return labels, conf
+
+
+def upsample_renormalised(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bilinear upsampling (transposed convolution) of ``(B, C, h, w)`` with the zero border divided out."""
+    if factor == 1:
+        return x
+    ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype)
+    return upsample_bilinear(x, factor) / upsample_bilinear(ones, factor).clamp(min=1e-12)

@@ -13,16 +13,9 @@ from helpers import assert_close_rel, assert_close_scaled, textured
 from cbir.errors import CbirError
 from cbir.extractors import HEAD_BASE_PARTS
 from cbir.extractors.base import make_extractor
-from cbir.extractors.classmap import (
-    ClassMapper,
-    argmax_upsample,
-    class_map,
-    class_scores,
-    prune_classes,
-    upsample_memory_bytes,
-)
+from cbir.extractors.classmap import ClassMapper, class_map, class_scores
 from cbir.extractors.semantic import fit_head, head_logits, save_head
-from cbir.extractors.upsample import upsample_bilinear
+from cbir.extractors.upsample import argmax_upsample, prune_classes, upsample_bilinear, upsample_memory_bytes
 
 GIB = 1 << 30
 #: class logits computed two ways (the head on a pooled vector / as 1x1 convolutions on the grid): max |a - b| within
@@ -161,8 +154,8 @@ def test_segment_memory_bound_logic(monkeypatch):
     from cbir.extractors import upsample
 
     seen = []
-    real = upsample._upsample_padded
-    monkeypatch.setattr(upsample, "_upsample_padded", lambda x, f: (seen.append(x.shape[0]), real(x, f))[1])
+    real = upsample.upsample_padded
+    monkeypatch.setattr(upsample, "upsample_padded", lambda x, f: (seen.append(x.shape[0]), real(x, f))[1])
     s = torch.randn(100, 4, 4)
     argmax_upsample(s, 8, chunk=16, prune=False)
     assert max(seen) <= 16 and sum(seen) == 100 + 1  # every class once, 16 at a time (+1: the border gain)

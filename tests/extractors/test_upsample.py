@@ -167,12 +167,12 @@ def test_upsample_class_scores_ties_pick_lowest_class():
     assert torch.equal(labels, torch.full((4, 4), 2))
 
 
-def test_upsample_padded_interpolate_path_matches_transposed_conv():
+def testupsample_padded_interpolate_path_matches_transposed_conv():
     # upsample_class_scores upsamples chunks with zero-padded F.interpolate
-    from cbir.extractors.upsample import _upsample_padded
+    from cbir.extractors.upsample import upsample_padded
 
     x = torch.randn(3, 5, 7, dtype=torch.float64)
     for factor in range(1, 10):
-        framed = _upsample_padded(x, factor)
+        framed = upsample_padded(x, factor)
         assert framed.shape == (3, 7 * factor, 9 * factor)
         torch.testing.assert_close(framed[:, factor:-factor, factor:-factor], upsample_bilinear(x, factor))
