@@ -48,6 +48,16 @@ def _session_pids(leaders):
     return out
 
 
+def _alive_after(pids_now, seconds: float):
+    """``pids_now()`` polled until it is empty or ``seconds`` have passed; what is still alive then."""
+    deadline = time.monotonic() + seconds
+    alive = pids_now()
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = pids_now()
+    return alive
+
+
 #: ``ray`` (the CLI) with every address kept on loopback: Ray's single-machine switch for the processes a node starts,
 #: its multi-node check let through, and 127.0.0.1 no longer swapped for the machine's network address
 _RAY_LOOPBACK = (
@@ -121,8 +131,7 @@ def ray_cluster():
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
-        time.sleep(1)
-        for pid in _session_pids(leaders):  # anything the nodes left behind
+        for pid in _alive_after(lambda: _session_pids(leaders), 10):  # anything the nodes left behind once they had time to go
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -313,9 +322,8 @@ def test_local_cluster_stays_on_loopback_and_stops():
     assert got["kind"] == "local" and got["nodes"] == ["127.0.0.1"], got
     assert got["cpus"] == min(4, os.cpu_count() or 1)
     assert got["pids"]  # the cluster's daemons, started by the session
-    time.sleep(1)
-    alive = [p for p in got["pids"] if Path(f"/proc/{p}").exists()]
-    assert not alive, f"left running: {alive}"
+    alive = _alive_after(lambda: [p for p in got["pids"] if Path(f"/proc/{p}").exists()], 30)  # daemons exit within seconds
+    assert not alive, f"left running 30 s after the session ended: {alive}"
 
 
 def test_build_with_ray_equals_the_local_build_and_resumes(ray_cluster, demo_entries, tmp_path, monkeypatch):
