@@ -39,7 +39,7 @@ def imagenet(tmp_path_factory):
     from cbir.models.backbones import build_backbone
 
     try:
-        bb = build_backbone("mobilenet_v2")
+        bb = build_backbone("mobilenet_v2", inference=False)  # the checkpoint's own modules and keys
     except WeightsNotFound as e:
         pytest.skip(f"ImageNet MobileNetV2 weights not installed: {e}")
     state = {k: v.detach().clone() for k, v in bb.net.state_dict().items()}
