@@ -112,3 +112,99 @@ def test_the_index_folder_layer_is_self_contained():
     for m in ("cbir.index.atomic", "cbir.index.rows", "cbir.index.manifest", "cbir.index.folder", "cbir.index.verify",
               "cbir.index.store", "cbir.index.faiss_index", "cbir.index.backend", "cbir.index.gallery"):
         assert all(t.startswith("cbir.index") or t in ("cbir.errors",) for t in graph[m]), (m, graph[m])
+
+
+# ----------------------------------------------------------------------------- private names stay in their module
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _owned_names(tree) -> set:
+    """Private names a module's own classes define: class-body names, methods and ``self._x`` / ``cls._x`` targets."""
+    out = set()
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for node in ast.walk(cls):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node in cls.body:
+                out.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node in cls.body:
+                for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    if isinstance(t, ast.Name):
+                        out.add(t.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("self", "cls"):
+                out.add(node.attr)
+    return out
+
+
+def _private_reach_ins():
+    """``FILE:LINE: what`` for each place a module of cbir imports, reads or sets another module's ``_name``:
+    ``from x import _y``; ``x._y`` / ``getattr(x, "_y")`` on an imported module ``x``; ``obj._y = ...``,
+    ``del obj._y`` or ``setattr(obj, "_y", ...)`` on anything but ``self`` / ``cls`` when no class of the module
+    defines ``_y``. A private *module* (``local/_torch.py``) is the package's own: its siblings may import it."""
+    mods = {}
+    for p in PKG.rglob("*.py"):
+        parts = p.relative_to(REPO).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    out = []
+    for m, p in sorted(mods.items()):
+        package = m if p.name == "__init__.py" else m.rpartition(".")[0]
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        owned = _owned_names(tree)
+        where = f"{p.relative_to(REPO)}"
+        bound = {}  # local name -> the cbir module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                root = base[: len(base) - node.level + 1] if node.level else []
+                mod = ".".join(root + ([node.module] if node.module else [])) if node.level else (node.module or "")
+                for a in node.names:
+                    full = f"{mod}.{a.name}"
+                    if full in mods:
+                        bound[a.asname or a.name] = full
+                        if _is_private(a.name) and mod != package:
+                            out.append(f"{where}:{node.lineno}: from {mod} import {a.name} (a module private to {mod})")
+                    elif mod in mods and _is_private(a.name):
+                        out.append(f"{where}:{node.lineno}: from {mod} import {a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in mods:
+                        bound[a.asname] = a.name if a.asname else None
+                        bound.setdefault(a.name.split(".")[0], a.name.split(".")[0])
+        bound = {k: v for k, v in bound.items() if k and v}
+
+        def module_of(expr):
+            if isinstance(expr, ast.Name):
+                return bound.get(expr.id)
+            if isinstance(expr, ast.Attribute):
+                parent = module_of(expr.value)
+                return f"{parent}.{expr.attr}" if parent and f"{parent}.{expr.attr}" in mods else None
+            return None
+
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _is_private(node.attr):
+                target = module_of(node.value)
+                writes = isinstance(node.ctx, (ast.Store, ast.Del))
+                if target and target != m:
+                    out.append(f"{where}:{node.lineno}: {'sets' if writes else 'reads'} {target}.{node.attr}")
+                elif writes and not target and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) \
+                        and node.attr not in owned:
+                    out.append(f"{where}:{node.lineno}: sets {ast.unparse(node)} (no class of {m} defines {node.attr})")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr", "delattr") \
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str) \
+                    and _is_private(node.args[1].value):
+                name, target = node.args[1].value, module_of(node.args[0])
+                if target and target != m:
+                    out.append(f"{where}:{node.lineno}: {node.func.id}({target}, {name!r})")
+                elif node.func.id != "getattr" and not target and name not in owned \
+                        and not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls")):
+                    out.append(f"{where}:{node.lineno}: {node.func.id}({ast.unparse(node.args[0])}, {name!r}) (no class of {m} defines it)")
+    return out
+
+
+def test_no_module_imports_reads_or_sets_another_modules_private_names():
+    """What several modules share is public; a module's ``_name`` is its own (``from x import _y``, ``x._y`` on a
+    module, ``obj._y = v`` from outside the class that owns ``_y`` are what this refuses)."""
+    bad = _private_reach_ins()
+    assert not bad, f"{len(bad)} private reach-in(s):\n" + "\n".join(bad)
