@@ -213,7 +213,7 @@ class _Worker:
 
     def __init__(self, name: str, conf: Dict[str, Any], state: Dict[str, np.ndarray], key: str, threads: int,
                  decode_side: Optional[int], decode_workers: int) -> None:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (DESIGN.md, threads)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (../shared/DESIGN.md, "Threads on a busy 2-core machine")
         self.failed: Optional[str] = None
         self.decode_side = decode_side
         self.decode_workers = int(decode_workers)

@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
         if "long" in item.keywords:
             item.add_marker(skip)
 
-#: torch threads of the suite: the busy 2-core machines it is measured on (DESIGN.md, "Threads");
+#: torch threads of the suite: the busy 2-core machines it is measured on (../shared/DESIGN.md, "Threads on a busy 2-core machine");
 #: CBIR_TEST_THREADS=1 (or 4) checks that no result depends on it
 TEST_THREADS = int(os.environ.get("CBIR_TEST_THREADS") or 2)
 

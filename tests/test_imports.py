@@ -67,7 +67,7 @@ def test_no_new_import_cycles():
     assert cycles <= KNOWN, [sorted(c) for c in cycles - KNOWN]
 
 
-#: the floors, bottom up (DESIGN.md): a module imports only from its own floor or below. The longest matching prefix
+#: the floors, bottom up (../shared/DESIGN.md, "The shape"): a module imports only from its own floor or below. The longest matching prefix
 #: decides; every module of the package must have one.
 FLOORS = {
     "cbir": 0, "cbir.errors": 0, "cbir.registry": 0, "cbir.cliutil": 0, "cbir.progress": 0,

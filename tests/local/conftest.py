@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy 2-core machines: see DESIGN.md, "Threads"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy 2-core machines: see ../shared/DESIGN.md, "Threads on a busy 2-core machine"
 
 from pathlib import Path
 
