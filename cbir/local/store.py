@@ -114,7 +114,7 @@ class LocalFeatureStore:
             if mode == "r":
                 self._h5 = h5py.File(self.path, mode)
             else:  # written through a file object that keeps disk errors (HDF5 crashed at exit after errno 28)
-                from ..index.store import _SafeFile as SafeFile, write_error
+                from ..index.atomic import SafeFile, write_error
 
                 try:
                     self._raw = open(self.path, "r+b" if self.path.is_file() else "w+b", buffering=0)
@@ -178,7 +178,7 @@ class LocalFeatureStore:
 
     def _check_written(self) -> None:
         if self._safe is not None and self._safe.error is not None:
-            from ..index.store import write_error
+            from ..index.atomic import write_error
 
             raise write_error(self.path, self._safe.error, needed=self._safe.attempted)
 
