@@ -140,6 +140,7 @@ def bench_default(n_images: int, repeats: int = 3) -> dict:
     from cbir.models.backbones import build_backbone
 
     before = resolve_extractor(None)
+    before.net  # noqa: B018 -- builds the network and what the extractor derives from it, then the swap
     before._net = build_backbone(before.conf["backbone"], weights=before.conf["weights"], inference=False)
     before.extract(imgs[:2])
 
