@@ -61,6 +61,24 @@ def read_upload(upload: Optional[UploadFile], field_name: str, request: Request)
     return data, label
 
 
+def only_files(*fields: str):
+    """A dependency refusing (400) a multipart body with more files than this route takes: one in each of ``fields``
+    at most (a form of 50 files is refused before the route reads any of them)."""
+
+    async def check(request: Request) -> None:
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return
+        form = await request.form()  # parsed once: FastAPI's own parse, kept on the request
+        files = [k for k, v in form.multi_items() if not isinstance(v, str)]
+        if len(files) > len(set(files)) or len(files) > len(fields):  # (one file in a wrong field: the route says which it wants)
+            extra = sorted(set(files) - set(fields))
+            raise ApiError(400, f"this route takes one file in each of the fields {', '.join(fields)}; the request holds "
+                                f"{len(files)} file(s)" + (f", in fields it does not take: {', '.join(clip(x, 40) for x in extra[:5])}"
+                                                           if extra else ""))
+
+    return check
+
+
 def decode_upload(data: bytes, label: str, max_side: Optional[int]) -> np.ndarray:
     from ..data import decode_bytes
 

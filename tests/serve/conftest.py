@@ -1,8 +1,6 @@
 """Fixtures of the service tests: a small gallery indexed with the cheap ``colour`` extractor (no weights, milliseconds
 per image), apps over it, and a live server on 127.0.0.1 that stops by itself."""
 
-import os
-
 import pytest
 
 pytest.importorskip("fastapi", reason="cbir serve needs FastAPI: pip install 'cbir[serve]'")
@@ -48,20 +46,7 @@ def live_server(gallery):
 @pytest.fixture(scope="session")
 def browser():
     """Debian's chromium driven by Playwright, started once per session; skips cleanly where either is missing."""
-    exe = os.environ.get("CBIR_CHROMIUM", "/usr/bin/chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; the browser is Debian's chromium, never downloaded)")
-    if not os.path.exists(exe):
-        pytest.skip(f"{exe} not found: apt-get install -y chromium (.ci/run does it when it runs as root)")
-    pw = sync_playwright().start()
-    try:
-        b = pw.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-                               timeout=60_000)
-    except Exception as e:  # noqa: BLE001 - a browser that cannot start here is a skip, with the reason
-        pw.stop()
-        pytest.skip(f"chromium at {exe} does not start under Playwright: {str(e).splitlines()[0]}")
-    yield b
-    b.close()
-    pw.stop()
+    from serve.support import chromium
+
+    with chromium() as b:
+        yield b

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from starlette.responses import FileResponse
 
 from ...errors import DecodeError
-from ..deps import LoadedDep, ServiceDep, SlotDep, deadline_left, gallery_path, gallery_row, missing, read_upload
+from ..deps import LoadedDep, ServiceDep, SlotDep, deadline_left, gallery_path, gallery_row, missing, only_files, read_upload
 from ..errors import ApiError, clip
 from ..render import image_format, jpeg, safe_file_name
 
@@ -106,7 +106,8 @@ def check_name(name: str) -> str:
     return name
 
 
-@router.post("/images", status_code=201, summary="add an image to the gallery (needs --allow-write)", dependencies=[Depends(need_write)])
+@router.post("/images", status_code=201, summary="add an image to the gallery (needs --allow-write)",
+             dependencies=[Depends(need_write), Depends(only_files("image"))])
 def add_route(request: Request, service: ServiceDep, slot: SlotDep,
               image: Optional[UploadFile] = File(None, description="the image to add"),
               name: Optional[str] = Form(None, description="its name in the index (default: uploads/FILENAME)"),

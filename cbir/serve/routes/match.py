@@ -7,11 +7,11 @@ import time
 from typing import Optional, Tuple
 
 import numpy as np
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from ...errors import DecodeError
-from ..deps import LoadedDep, ServiceDep, deadline_left, decode_upload, gallery_path, gallery_row, read_upload
+from ..deps import LoadedDep, ServiceDep, deadline_left, decode_upload, gallery_path, gallery_row, only_files, read_upload
 from ..errors import ApiError, clip
 from ..render import overlay_png
 
@@ -38,7 +38,8 @@ def side_image(request: Request, loaded, upload, name: Optional[str], i: int, si
     return decode_upload(data, label, side), upload.filename or f"image{i}"
 
 
-@router.post("/match", summary="match two images with local features: inliers, the fitted model and an overlay PNG")
+@router.post("/match", summary="match two images with local features: inliers, the fitted model and an overlay PNG",
+             dependencies=[Depends(only_files("image0", "image1"))])
 def match(request: Request, service: ServiceDep, loaded: LoadedDep,
           image0: Optional[UploadFile] = File(None, description="first image (or name0)"),
           image1: Optional[UploadFile] = File(None, description="second image (or name1)"),

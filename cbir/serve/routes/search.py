@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from ...errors import CbirError
 from ...query import Ranking, UnknownLabel
-from ..deps import LoadedDep, ServiceDep, deadline_left, decode_upload, gallery_path, gallery_row, read_upload
+from ..deps import LoadedDep, ServiceDep, deadline_left, decode_upload, gallery_path, gallery_row, only_files, read_upload
 from ..errors import ApiError, clip
 from ..service import Service, rerank_matcher
 from ..state import Loaded
@@ -143,7 +143,7 @@ def duplicate_of(service: Service, loaded: Loaded, vec: np.ndarray) -> Optional[
     return {"name": name, "score": round(float(scores[0, 0]), 6), "threshold": t, **service.urls(loaded, name)}
 
 
-@router.post("/search", summary="rank the gallery for an uploaded image")
+@router.post("/search", summary="rank the gallery for an uploaded image", dependencies=[Depends(only_files("image"))])
 def search(request: Request, service: ServiceDep, loaded: LoadedDep,
            image: Optional[UploadFile] = File(None, description="the query image (any format PIL reads)"),
            opts: SearchOptions = Depends(search_options)):
