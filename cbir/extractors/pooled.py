@@ -159,9 +159,9 @@ class PooledExtractor(Extractor):
     def weights(self) -> Dict[str, str]:
         out = dict(self.net.weights_sha)
         if self.conf["weighting"]:
-            from ..weights import file_sha256
+            from ..weights import cached_sha256
 
-            out["weighting_head"] = file_sha256(self.conf["weighting_head"])
+            out["weighting_head"] = cached_sha256(self.conf["weighting_head"])
         return out
 
     def identity(self, with_state: bool = True):

@@ -205,11 +205,11 @@ class SemanticExtractor(Extractor):
         return len(self.head["classes"])
 
     def weights(self) -> Dict[str, str]:
-        from ..weights import file_sha256
+        from ..weights import cached_sha256
 
         if self.head is None:
             return dict(self.net.weights_sha)
-        return {**self.base.weights(), "head": file_sha256(self.conf["head"])}
+        return {**self.base.weights(), "head": cached_sha256(self.conf["head"])}
 
     def identity(self, with_state: bool = True) -> Dict[str, Any]:
         ident = super().identity(with_state)

@@ -74,9 +74,9 @@ class VladExtractor(Extractor):
         path = getattr(self.local, "weights_path", None)
         if not path:
             return {}
-        from ..weights import file_sha256
+        from ..weights import cached_sha256
 
-        return {os.path.basename(str(path)): file_sha256(path)}
+        return {os.path.basename(str(path)): cached_sha256(path)}
 
     def _descriptors(self, img: np.ndarray) -> np.ndarray:
         d = np.asarray(self.local.extract(img)["descriptors"], np.float32)

@@ -261,7 +261,7 @@ class LocalExtractor:
     def identity(self) -> Dict[str, Any]:
         """Name, full configuration (with ``project`` and ``storage`` when set), max_side, descriptor size and the
         sha256 of the weight file."""
-        from ..weights import file_sha256
+        from ..weights import cached_sha256
 
         info = self.extractor.info()
         wp = info.get("weights")
@@ -275,7 +275,7 @@ class LocalExtractor:
             "conf": conf,
             "max_side": self.max_side,
             "descriptor_dim": self.descriptor_dim,
-            "weights": {Path(wp).name: file_sha256(wp)} if wp else {},
+            "weights": {Path(wp).name: cached_sha256(wp)} if wp else {},
         }
 
     def key(self) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import CbirError
 from ..registry import Registry
-from ..weights import file_sha256, load_into, load_state_dict, resolve_weights
+from ..weights import cached_sha256, load_into, load_state_dict, resolve_weights
 from .fold import fold_batchnorm
 
 BACKBONES: Registry = Registry("backbone")
@@ -71,7 +71,7 @@ class Backbone(nn.Module):
         if rename:
             state = rename(state)
         load_into(module, state, path, strict=strict, allow_missing=allow_missing)
-        self.weights_sha = {filename if explicit is None else str(path): file_sha256(path)}
+        self.weights_sha = {filename if explicit is None else str(path): cached_sha256(path)}
 
 
 @BACKBONES.register("xfeat")
@@ -205,7 +205,7 @@ class _TorchvisionStyle(Backbone):
                 self.net = self._build(int(w.shape[0]))
         load_into(self.net, state, path)
         # found offline: recorded by file name, as the other backbones' weights are
-        self.weights_sha = {self.weight_file if weights is None else str(weights): file_sha256(path)}
+        self.weights_sha = {self.weight_file if weights is None else str(weights): cached_sha256(path)}
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.memory_format = torch.contiguous_format

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CbirError, WeightsNotFound
-from ..weights import file_sha256
+from ..weights import cached_sha256
 from .backbones import BACKBONE_PREFIXES, IMAGENET_MEAN, IMAGENET_STD
 
 INSTALL_HINT = "pip install 'cbir[paddle]' (CPU build: paddlepaddle; CUDA: paddlepaddle-gpu)"
@@ -438,7 +438,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def _from_jit(prefix: str, opts: Dict[str, Any], name: str, need_maps: bool = False) -> PaddleBackbone:
     program, files = load_jit(prefix)
     _set_paddle_threads()
-    sha = {str(files["program"]): file_sha256(files["program"]), str(files["params"]): file_sha256(files["params"])}
+    sha = {str(files["program"]): cached_sha256(files["program"]), str(files["params"]): cached_sha256(files["params"])}
     spec = None
     try:
         spec = tuple(program._input_spec()[0].shape)
@@ -473,7 +473,7 @@ def paddle_backbone(arch: str, weights=None, **opts) -> PaddleBackbone:
     import_paddle()
     _set_paddle_threads()
     model = build_paddle_mobilenet_v2(state, str(weights))
-    return PaddleBackbone(name, {str(weights): file_sha256(weights)}, model=model, **_options(opts, name))
+    return PaddleBackbone(name, {str(weights): cached_sha256(weights)}, model=model, **_options(opts, name))
 
 
 def paddle_jit_backbone(prefix: str, weights=None, **opts) -> PaddleBackbone:

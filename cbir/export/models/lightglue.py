@@ -43,13 +43,13 @@ def lightglue_graph(net):
 
 def lightglue_identity(matcher) -> Dict[str, Any]:
     """What decides LightGlue's fixed graph: the architecture (widths, depth, heads), the filter threshold, the weights."""
-    from ...weights import file_sha256
+    from ...weights import cached_sha256
 
     c = matcher.net.conf
     arch = {k: getattr(c, k) for k in ("input_dim", "descriptor_dim", "n_layers", "num_heads", "add_scale_ori", "add_laf", "scale_coef")
             if hasattr(c, k)}
     return {"model": matcher.name, "features": matcher.features, "filter_threshold": float(c.filter_threshold), "arch": arch,
-            "weights": file_sha256(matcher.weights_path)}
+            "weights": cached_sha256(matcher.weights_path)}
 
 
 def lightglue_spec(matcher) -> ExportSpec:

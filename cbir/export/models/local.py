@@ -22,9 +22,9 @@ def local_spec(name: str, module, identity: Dict[str, Any], outputs: List[str], 
 
 def local_identity(ext) -> Dict[str, Any]:
     """What decides a local extractor's dense graph: its name, architecture variant and weight checksum."""
-    from ...weights import file_sha256
+    from ...weights import cached_sha256
 
-    return {"model": f"local:{ext.name}", "variant": ext.conf.get("model"), "weights": file_sha256(ext.weights_path) if ext.weights_path else None}
+    return {"model": f"local:{ext.name}", "variant": ext.conf.get("model"), "weights": cached_sha256(ext.weights_path) if ext.weights_path else None}
 
 
 def local_factory(name: str, spec_fn):

@@ -46,10 +46,10 @@ def _blocks_image(h: int, w: int, seed: int = 0):
 def loftr_identity(net, variant: str, match_threshold: float, border_rm: int, weights_path) -> Dict[str, Any]:
     """What decides LoFTR's graph: the options baked in, ``temp_bug_fix`` (build_loftr derives it from the variant and
     the file name, not the file's content) and the weights."""
-    from ...weights import file_sha256
+    from ...weights import cached_sha256
 
     return {"model": "loftr", "conf": {"variant": variant, "match_threshold": float(match_threshold), "border_rm": int(border_rm)},
-            "temp_bug_fix": bool(net.config["coarse"]["temp_bug_fix"]), "weights": file_sha256(weights_path)}
+            "temp_bug_fix": bool(net.config["coarse"]["temp_bug_fix"]), "weights": cached_sha256(weights_path)}
 
 
 def loftr_spec(matcher_net, identity: Dict[str, Any]) -> ExportSpec:

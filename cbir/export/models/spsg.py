@@ -90,7 +90,7 @@ def spsg_factory(weights=None, conf=None, matcher_weights=None) -> ExportSpec:
     """``--weights`` superpoint_v1.pth, ``--matcher-weights`` superglue_{variant}.pth (else ``$CBIR_WEIGHTS``)."""
     from ...models.superglue import WEIGHTS_FILES, load_superglue
     from ...models.superpoint import WEIGHTS_FILE, load_superpoint
-    from ...weights import file_sha256, resolve_weights
+    from ...weights import cached_sha256, resolve_weights
 
     conf = dict(conf or {})
     sp_keys = ("max_keypoints", "keypoint_threshold", "nms_radius", "remove_borders")
@@ -107,7 +107,7 @@ def spsg_factory(weights=None, conf=None, matcher_weights=None) -> ExportSpec:
     p_sg = resolve_weights(WEIGHTS_FILES[variant], matcher_weights)
     sp, sg = load_superpoint(p_sp, sp_conf), load_superglue(p_sg, variant, sg_conf)
     ident = {"model": "superpoint+superglue", "superpoint": dict(sp.conf), "superglue": dict(sg.conf),
-             "weights": {"superpoint": file_sha256(p_sp), "superglue": file_sha256(p_sg)}}
+             "weights": {"superpoint": cached_sha256(p_sp), "superglue": cached_sha256(p_sg)}}
     return spsg_spec(sp, sg, ident)
 
 
