@@ -115,6 +115,8 @@ def _sha256(path: str, size: int, mtime: float) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: os.PathLike) -> str:
+def cached_sha256(path: os.PathLike) -> str:
+    """SHA-256 of a weight (or head, or program) file, read once while its size and mtime stay the same: what an
+    extractor's identity records. (Index files are checked by :func:`cbir.index.verify.file_sha256`, which reads every time.)"""
     st = os.stat(path)
     return _sha256(str(path), st.st_size, st.st_mtime)
