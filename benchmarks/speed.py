@@ -9,8 +9,12 @@
 3. Threads: torch at 1 and 2 threads with OMP_WAIT_POLICY PASSIVE (cbir's default) vs ACTIVE, with and
    without a second process loading the CPU (subprocesses, so the policy is read at start-up).
 
+4. The grid (``--grid``, benchmarks/speed_grid.py): the default build per collection (corel1k, caltech101_objects,
+   the Paris photos and 12-megapixel copies of them) x 224/320/512 px x 1/2 threads, and every named conf, each row
+   in a fresh process with its build/raw ratio and peak RSS; into speed.json's ``grid``.
+
     python benchmarks/speed.py [--images 60] [--default-images 300] [--sizes 100000 1000000] [--skip-threads]
-                               [--skip-extraction] [--json PATH]
+                               [--skip-extraction] [--grid] [--json PATH]
 """
 
 from __future__ import annotations
@@ -268,6 +272,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-threads", action="store_true")
     ap.add_argument("--skip-extraction", action="store_true")
+    ap.add_argument("--grid", action="store_true", help="also run the build-speed grid (benchmarks/speed_grid.py; ~30 rows)")
+    ap.add_argument("--grid-images", type=int, default=100, help="images per grid row")
     a = ap.parse_args()
     from cbir.runtime import set_threads
 
@@ -276,6 +282,10 @@ def main() -> int:
     path = a.json or HERE / "results" / "speed.json"
     if path.exists():  # a partial run keeps the other sections of the last one
         res = {**json.loads(path.read_text()), **res}
+    if a.grid:
+        import speed_grid
+
+        res["grid"] = speed_grid.run(images=a.grid_images)
     if not a.skip_extraction:
         res["default_build"] = bench_default(a.default_images)
         res["extraction"] = bench_extraction(a.images)
