@@ -127,3 +127,12 @@ def load_test_module(relpath: str, name: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+class FakeIndex:
+    """The parts of ``cbir.engine.Index`` a ``Reranker`` reads: ``folder`` (its local.h5), ``names``, ``paths`` and
+    ``manifest["local"]``; for re-ranking tests that write the local features themselves."""
+
+    def __init__(self, folder: Path, names, paths, local):
+        self.folder, self.names, self.paths = folder, np.array(names, dtype=object), np.array(paths, dtype=object)
+        self.manifest = {"local": local}

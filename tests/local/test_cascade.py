@@ -16,13 +16,7 @@ from cbir.local.rerank import Reranker, query_row
 from cbir.local.store import LocalFeatureStore, local_extractor_from_identity, make_local_extractor, read_local_features
 from cbir.local.verify import Verification, verdict, verify
 
-
-class FakeIndex:
-    """The parts of an index the Reranker reads: folder (local.h5), names, paths, manifest['local']."""
-
-    def __init__(self, folder: Path, names, paths, local):
-        self.folder, self.names, self.paths = folder, np.array(names, dtype=object), np.array(paths, dtype=object)
-        self.manifest = {"local": local}
+from helpers import FakeIndex
 
 
 def _unit(x):

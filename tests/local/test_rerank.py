@@ -14,6 +14,8 @@ from cbir.local import build_extractor, build_matcher
 from cbir.local.rerank import Reranker, reorder, rerank_scores
 from cbir.local.store import LocalFeatureStore, make_local_extractor, read_local_features, stored_names, write_local_features
 
+from helpers import FakeIndex
+
 
 def test_rerank_orders_true_match_first(warped_pair, other_textured):
     img0, img1, _ = warped_pair
@@ -79,14 +81,6 @@ def test_store_and_local_extractor(tmp_path, textured):
         np.testing.assert_array_equal(s.get("x/one.png")["descriptors"], f["descriptors"])
     with pytest.raises(CbirError, match="not found"):
         LocalFeatureStore(tmp_path / "none.h5")
-
-
-class FakeIndex:
-    """The parts of ``cbir.engine.Index`` the Reranker uses."""
-
-    def __init__(self, folder: Path, names, paths, local):
-        self.folder, self.names, self.paths = folder, np.array(names, dtype=object), np.array(paths, dtype=object)
-        self.manifest = {"local": local}
 
 
 def test_reranker_on_an_index(tmp_path, warped_pair, other_textured):
