@@ -150,6 +150,9 @@ def sync_index(index: PathLike, folder: Optional[PathLike] = None, labels: Optio
     scan: FolderScan = scan_folder(folder, labels=labels)
     rep = SyncReport(index=index, folder=scan.root, skipped=dict(scan.skipped), dry_run=dry_run)
     in_folder = {e.name: e for e in scan.entries}
+    if names and not scan.entries:  # an unmounted drive, a wrong path: never a reason to empty the index
+        raise CbirError(f"{scan.root}: holds no images, and {index} holds {len(names)}; nothing was changed (is the folder "
+                        "mounted?). To empty the index, remove its images with `cbir index remove`")
     if names and scan.entries and not any(n in in_folder for n in names):
         raise CbirError(f"{scan.root}: holds none of the {len(names)} images of {index} (names relative to the folder, e.g. "
                         f"{names[0]}); is it the folder the index was built from? Build a new index instead")

@@ -156,7 +156,9 @@ def add_images(folder: PathLike, entries: Sequence[Entry], strict: bool = False,
         seg_files, loc, _ = segments.locate()
         got = [e for e in new if e.name in loc]  # in list order: the ids follow it
         if not got:
-            raise CbirError(f"none of the {len(new)} new image(s) could be read; nothing added")
+            first = rep.failures[0] if rep.failures else None
+            eg = f" (e.g. {first['path']}: {first['cause']})" if first else ""
+            raise CbirError(f"none of the {len(new)} new image(s) could be read{eg}; nothing added")
         raw = RowSegments.gather(seg_files, [loc[e.name][:2] for e in got])
         final = ext.post(raw)
         vectors = ext.encode(final) if idx.metric == "hamming" else final
@@ -228,7 +230,7 @@ def remove_images(folder: PathLike, names: Sequence[Union[str, Entry]], log: Cal
 
         rows_rm = [find(n) for n in want]
         missing = [n for n, r in zip(want, rows_rm) if r is None]
-        if missing:
+        if missing and len(missing) < len(want):  # none found: the error below says so
             say(f"note: {len(missing)} name(s) not in the index, e.g. {missing[0]}")
         drop = np.array(sorted(r for r in rows_rm if r is not None), dtype=np.int64)
         rep = UpdateReport(index=idx.folder, count=len(idx), skipped=missing)

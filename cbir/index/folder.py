@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, TypeVar
 
-from ..errors import CbirError
+from ..errors import CbirError, IndexDamaged
 from .atomic import WriteError, existing_parent, megabytes, write_error
 from .manifest import MANIFEST, OWNED_FILES, PLAIN_NAME, load_manifest
 from .verify import verify_file
@@ -190,7 +190,7 @@ class BuildLock:
                 pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
             finally:
                 os.close(fd)
-            raise Locked(f"another build (pid {pid}) is writing {self.out}; wait for it to finish or stop it") from None
+            raise Locked(f"another build or update (pid {pid}) is writing {self.out}; wait for it to finish or stop it") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -323,6 +323,11 @@ def read_manifest(folder: os.PathLike) -> dict:
             hint = f" (an unfinished build is in {partial_dir(folder)}: run the same `cbir index build` again to resume)"
         elif not folder.exists():
             hint = " (folder not found)"
+        else:
+            with contextlib.suppress(OSError):
+                left = sorted(e.name for e in folder.iterdir() if e.name in OWNED_FILES)
+                if left:  # an index's files without their manifest: damage, not some other folder
+                    raise IndexDamaged(f"{p}: damaged (missing; the folder still holds {', '.join(left[:3])}) — rebuild the index")
         raise CbirError(f"{folder}: not a cbir index, no {MANIFEST}{hint}")
     return load_manifest(folder)
 

@@ -16,21 +16,57 @@ from ..errors import CbirError, IndexMismatch
 from .folder import read_manifest
 from .manifest import FEATURES, MANIFEST
 from .rows import read_rows
-from .verify import damaged, open_checked, verify_file
+from .verify import check_sizes, damaged, open_checked, verify_file
 from .backend import FaissBackend, SearchSpec
 from .faiss_index import CosineIndex, HammingIndex
 
 PathLike = Union[str, os.PathLike]
+
+#: opens of a folder an update replaced meanwhile before giving up (each replacement is a new manifest file)
+OPEN_TRIES = 5
+
+
+class _Replaced(Exception):
+    """The folder was replaced by an update while it was being opened: open it again."""
+
+
+def _stamp(folder: Path) -> Optional[Tuple[int, int, int]]:
+    """What tells one version of an index folder from the next: its manifest file's inode, mtime and size."""
+    try:
+        st = os.stat(folder / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class Gallery:
     """A built index folder: manifest, row metadata (names, paths, labels, ids), descriptors and the search backend."""
 
     def __init__(self, folder: PathLike, verify: bool = True, mmap: bool = False) -> None:
-        """Open ``folder``; every file is checked against the manifest's size and SHA-256 first (``verify``),
-        so a damaged index is a one-line error naming the file, never silently wrong rankings."""
+        """Open ``folder``: every file the manifest records must be there with its size, and those read here are
+        checked against their SHA-256 first (``verify``), so a damaged index is a one-line error naming the file, never
+        silently wrong rankings. One version of the folder is opened: a folder replaced by an update meanwhile is
+        opened again, and the files read later (k-NN graph, learned state, local features) are held open now
+        (:meth:`file_path`), so a query answers from the old index or the new one, never a mix."""
         self.folder = Path(folder)
+        self._held: Dict[str, int] = {}
+        for attempt in range(OPEN_TRIES):
+            before = _stamp(self.folder)
+            try:
+                self._open(verify, mmap)
+                if _stamp(self.folder) != before:
+                    raise _Replaced()
+                return
+            except (CbirError, _Replaced):
+                self._release()
+                if attempt + 1 == OPEN_TRIES or _stamp(self.folder) == before:
+                    raise
+        raise CbirError(f"{self.folder}: replaced by updates {OPEN_TRIES} times while it was being opened; try again")
+
+    def _open(self, verify: bool, mmap: bool) -> None:
         self.manifest = m = read_manifest(self.folder)
+        check_sizes(self.folder, m)
+        self._hold(m)
         self._paths_resolved: Optional[Dict[str, int]] = None
         self.metric = m["metric"]
         rows = open_checked(self.folder, FEATURES, m, lambda p: read_rows(p, lazy=("descriptors", "codes", "raw"))[0], verify)
@@ -70,6 +106,41 @@ class Gallery:
                                 f"the manifest {n} of {m['code_bits'] if self.metric == 'hamming' else m['dim']}", m)
         self._verify = verify
         self._pos = {n: i for i, n in enumerate(self.names)}
+
+    def _hold(self, m: Dict[str, Any]) -> None:
+        """Open (and keep open) the files read after the folder is opened, so an update replacing the folder meanwhile
+        does not change what this index reads."""
+        for name in sorted(m.get("files") or {}):
+            if name in (FEATURES, m["faiss"], MANIFEST):
+                continue
+            try:
+                self._held[name] = os.open(self.folder / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                pass  # named by verify_file when it is needed
+
+    def _release(self) -> None:
+        held, self._held = getattr(self, "_held", {}), {}
+        for fd in held.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self) -> None:
+        self._release()
+
+    def file_path(self, name: str) -> Path:
+        """Where file ``name`` of the index as it was opened is read: the descriptor held since then (Linux:
+        ``/proc/self/fd/N``, the same file even after an update replaced the folder), else ``folder/name``."""
+        fd = self._held.get(name)
+        if fd is not None and os.path.isdir("/proc/self/fd"):
+            return Path(f"/proc/self/fd/{fd}")
+        return self.folder / name
+
+    def open_file(self, name: str, opener):
+        """``opener(path)`` of index file ``name`` as it was opened, checked against the manifest first
+        (:func:`cbir.index.verify.open_checked`; errors name ``folder/name``)."""
+        return open_checked(self.folder, name, self.manifest, opener, self._verify, path=self.file_path(name))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -128,7 +199,7 @@ class Gallery:
         rec = self.manifest.get("knn")
         if not isinstance(rec, dict) or int(rec.get("k") or 0) < int(k):
             return None
-        nbr, sims = open_checked(self.folder, knn.GRAPH_FILE, self.manifest, lambda p: knn.read(p, len(self)), self._verify)
+        nbr, sims = self.open_file(knn.GRAPH_FILE, lambda p: knn.read(p, len(self)))
         return knn.as_rows(nbr, sims, self.ids)
 
     def searcher(self, expand: Any = "index"):

@@ -16,4 +16,4 @@ from .manifest import (ANNS, FAISS_FILES, FEATURES, FORMAT_VERSION, KINDS, LOCAL
                        load_manifest, manifest_digest, next_id, now_iso, validate_manifest, write_manifest)
 from .rows import (FeatureWriter, LazyRows, Rows, RowSegments, load_state_file, read_rows, save_state,  # noqa: F401
                    str_dtype, write_arrays, write_features)
-from .verify import damaged, file_record, file_sha256, open_checked, rebuild_hint, verify_file  # noqa: F401
+from .verify import check_sizes, damaged, file_record, file_sha256, open_checked, rebuild_hint, verify_file  # noqa: F401

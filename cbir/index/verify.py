@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -49,13 +50,19 @@ def damaged(folder: os.PathLike, name: str, cause: str, manifest: Optional[Dict[
     return IndexDamaged(f"{Path(folder) / name}: damaged ({cause}) — rebuild with `{hint}`")
 
 
-def verify_file(folder: os.PathLike, name: str, manifest: Dict[str, Any], full: bool = True) -> None:
+def verify_file(folder: os.PathLike, name: str, manifest: Dict[str, Any], full: bool = True,
+                path: Optional[os.PathLike] = None) -> None:
     """Check one index file against the manifest's record (size always, SHA-256 when ``full``).
 
-    A file already verified in this process (same inode, size and mtime) is not hashed again.
+    A file already verified in this process (same inode, size and mtime) is not hashed again. ``path``: where the
+    file is read when not at ``folder/name`` (a descriptor held open, :meth:`cbir.index.gallery.Gallery.file_path`).
     """
     rec = (manifest.get("files") or {}).get(name)
-    path = Path(folder) / name
+    held = path is not None
+    path = Path(path) if held else Path(folder) / name
+    if not held and path.is_symlink():  # an index's files are its own: a link could point anywhere (outside the folder, a device)
+        raise damaged(folder, name, f"a symbolic link to {os.readlink(path)}; an index file must be a plain file inside "
+                      "the folder", manifest)
     if rec is None:
         if path.exists():
             return  # an index written before checksums were recorded
@@ -64,6 +71,8 @@ def verify_file(folder: os.PathLike, name: str, manifest: Dict[str, Any], full: 
         st = os.stat(path)
     except FileNotFoundError:
         raise damaged(folder, name, "missing", manifest) from None
+    if not stat.S_ISREG(st.st_mode):  # a folder, a pipe (reading it would block), a device
+        raise damaged(folder, name, "not a regular file", manifest)
     if st.st_size != rec["bytes"]:
         raise damaged(folder, name, f"{st.st_size} bytes, the manifest records {rec['bytes']}", manifest)
     if not full:
@@ -76,14 +85,22 @@ def verify_file(folder: os.PathLike, name: str, manifest: Dict[str, Any], full: 
     _VERIFIED[key] = True
 
 
-def open_checked(folder: os.PathLike, name: str, manifest: Dict[str, Any], opener, verify: bool = True):
+def open_checked(folder: os.PathLike, name: str, manifest: Dict[str, Any], opener, verify: bool = True,
+                 path: Optional[os.PathLike] = None):
     """``opener(path)`` for index file ``name`` after :func:`verify_file`; a read error becomes a one-line
     :class:`IndexDamaged` naming the file (h5py raises OSError/KeyError, faiss RuntimeError)."""
-    verify_file(folder, name, manifest, full=verify)
+    verify_file(folder, name, manifest, full=verify, path=path)
     try:
-        return opener(Path(folder) / name)
+        return opener(Path(path) if path is not None else Path(folder) / name)
     except CbirError as e:
         raise damaged(folder, name, str(e).split(": ", 1)[-1], manifest) from None
     except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise damaged(folder, name, f"unreadable: {first}", manifest) from None
+
+
+def check_sizes(folder: os.PathLike, manifest: Dict[str, Any]) -> None:
+    """Every file the manifest records is there, a plain file of the recorded size (no byte is read): what a command
+    checks of the files it does not read itself (:func:`verify_file` with ``full`` hashes the ones it reads)."""
+    for name in sorted(manifest.get("files") or {}):
+        verify_file(folder, name, manifest, full=False)

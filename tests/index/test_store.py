@@ -118,7 +118,7 @@ def test_a_second_build_into_the_same_out_stops_naming_the_first(small_set, tmp_
     work = folder.partial_dir(out)
     work.mkdir()
     with folder.BuildLock(work, out):  # what a running build holds (flock: per open file, so this process conflicts too)
-        with pytest.raises(CbirError, match=rf"another build \(pid {os.getpid()}\) is writing"):
+        with pytest.raises(CbirError, match=rf"another build or update \(pid {os.getpid()}\) is writing"):
             build_index(entries, out, **COLOUR)
     assert build_index(entries, out, **COLOUR).count == 12  # released: the next build runs
 
@@ -153,7 +153,7 @@ def test_kill_9_mid_build_then_the_same_build_resumes_and_a_concurrent_one_is_re
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
         second = _cli(["index", "build", "--list", str(small_set / "list.txt"), "--extractor", "colour", "--out", str(out), "--quiet"])
-        _one_line_error(second, "another build (pid", str(out))
+        _one_line_error(second, "another build or update (pid", str(out))
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
