@@ -33,6 +33,7 @@ def _client(folder, **kw):
 
 
 def test_files_copied_over_a_served_folder_are_refused_until_reloaded(galleries):
+    """an index's files copied over the served folder in place (`cp new/* DIR/`) -> 503 with Retry-After naming the change until the watcher opens the copy, then its answers"""
     served, new = galleries
     with _client(served) as c:
         assert c.get("/search/similar/img/g0_base.jpg?top_k=3").status_code == 200
@@ -50,6 +51,7 @@ def test_files_copied_over_a_served_folder_are_refused_until_reloaded(galleries)
 
 
 def test_a_copy_that_does_not_open_keeps_refusing_and_says_why(galleries):
+    """half a copy over the served folder (features.h5 of another index) -> 503 naming features.h5, /info's reload_error says why; the completed copy is served"""
     served, new = galleries
     with _client(served) as c:
         shutil.copyfile(new / store.FEATURES, served / store.FEATURES)  # half a copy: features of another index
@@ -63,6 +65,7 @@ def test_a_copy_that_does_not_open_keeps_refusing_and_says_why(galleries):
 
 
 def test_a_lock_conflict_on_the_write_routes_is_409(galleries, tmp_path):
+    """POST /images and DELETE /images/NAME while another process's update holds the index lock -> 409 with Retry-After; the write goes through once it is released"""
     served, _ = galleries
     work = store.partial_dir(served)
     store.claim_work(work, served)
@@ -118,6 +121,7 @@ def _search(url):
 
 
 def test_slow_uploads_hold_no_queue_place(live):
+    """twice --queue uploads stalled after 3 bytes of their bodies -> they hold no place in the queue: searches and similar are answered 200"""
     srv = live(queue=2)
     port = int(srv.url.rsplit(":", 1)[1])
     socks = [_slow_upload(port) for _ in range(4)]  # twice --queue
@@ -136,6 +140,7 @@ def test_slow_uploads_hold_no_queue_place(live):
 
 
 def test_one_client_may_send_only_so_many_uploads_at_once(live):
+    """one client opening more stalled uploads than --max-uploads-per-client -> 503 'still being received' for the extra one; room again when one goes"""
     srv = live(max_receiving_per_client=2)
     port = int(srv.url.rsplit(":", 1)[1])
     socks = [_slow_upload(port) for _ in range(2)]

@@ -433,7 +433,7 @@ def test_write_routes_need_allow_write(ro, site):
 
 
 def test_off_loopback_needs_a_token(site, tmp_path):
-    """`cbir serve --host` an address off the loopback without --token -> exit 2 with one line naming --token, nothing bound; with a token, every data route without it -> 401 JSON"""
+    """`cbir serve --host` an address off the loopback without --token, and the data routes of a served token without it -> exit 2 with one line naming --token, nothing bound; 401 JSON on every data route"""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "CBIR_TOKEN"}

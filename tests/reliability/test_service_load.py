@@ -118,7 +118,7 @@ def _write_lists(root):
 
 @pytest.mark.long
 def test_searches_while_the_index_is_rebuilt_three_times(tmp_path):
-    """8 clients x 50 searches while `cbir index build --out DIR` replaces the served folder three times (a/ 6 images <-> b/ 12) -> 0 errors, every answer all of one index or all of the other, never a mix; the service reloaded each time"""
+    """8 clients x 50 searches while `cbir index build --out DIR` replaces the served folder three times (a/ of 6 images, then b/ of 12, a/, b/) -> 0 errors, every answer all of one index or all of the other, never a mix; the service reloaded each time"""
     names = _write_lists(tmp_path)
     out = tmp_path / "T"
     assert _cli("index", "build", "--list", str(tmp_path / "list_a.txt"), "--out", str(out), "--extractor", "colour").returncode == 0
