@@ -219,7 +219,8 @@ def _save(path: Path, row: Dict[str, Any]) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--extractors", nargs="+", default=["default"], choices=sorted(EXTRACTORS))
-    ap.add_argument("--graphs", nargs="+", default=["default"], choices=sorted(GRAPHS))
+    ap.add_argument("--graphs", nargs="+", default=["default"], choices=sorted(GRAPHS), metavar="GRAPH",
+                    help=f"graph stages by name (default: default): {', '.join(sorted(GRAPHS))}")
     ap.add_argument("--rerank", metavar="NAME", help="also re-rank the top 100 (indexes built with --local default; e.g. default)")
     ap.add_argument("--local", default="default", help="the local features of --rerank's indexes (default: %(default)s)")
     ap.add_argument("--rerank-conf", type=json.loads, help="options of the re-ranker as JSON, e.g. '{\"sv_qe\": null}'")
