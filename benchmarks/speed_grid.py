@@ -9,7 +9,8 @@ build's peak RSS (MiB; the process's high-water mark right after the build).
 
 Collections: corel1k (384x256), caltech101_objects (~300x200), the Paris photos (paris6k_subset, 1024x768) and
 ``paris12mp``: the same Paris photos upscaled to 4000x3000 JPEGs in a temporary folder (12 megapixels; made here at
-run time, never stored).
+run time, never stored). One more row runs the default build on onnxruntime (``--runtime onnx``; its ratio is over
+torch's raw forward, so below 1 means onnxruntime is faster than torch).
 
     python benchmarks/speed.py --grid                               # the whole grid into speed.json's "grid"
     python benchmarks/speed_grid.py --json /tmp/grid.json --collections corel1k --px 224 512 --threads 2
@@ -76,6 +77,10 @@ def child(spec: dict) -> dict:
     from cbir.runtime import set_threads
 
     set_threads(spec["threads"])
+    if spec.get("runtime"):
+        from cbir.runtime import set_default_runtime
+
+        set_default_runtime(spec["runtime"])  # the build's networks on onnxruntime; the raw forward stays torch's
     scratch = Path(spec["scratch"])
     entries = _entries(spec["collection"], spec["images"], scratch)
     name, conf = spec.get("extractor"), {}
@@ -128,7 +133,7 @@ def _run_child(spec: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(collections=COLLECTIONS, pixels=PIXELS, threads=THREADS, images: int = 100, confs=CONF_ROWS) -> dict:
+def run(collections=COLLECTIONS, pixels=PIXELS, threads=THREADS, images: int = 100, confs=CONF_ROWS, onnx: bool = True) -> dict:
     """The grid: {row name: row}, the default pipeline per collection x px x threads, then each named conf."""
     rows = {}
     scratch = Path(tempfile.mkdtemp(prefix="cbir-speed-grid-"))
@@ -140,6 +145,12 @@ def run(collections=COLLECTIONS, pixels=PIXELS, threads=THREADS, images: int = 1
                     rows[name] = {"collection": coll, **_run_child({"collection": coll, "px": px, "threads": th, "images": images,
                                                                     "scratch": str(scratch)})}
                     print(f"grid {name}: {rows[name]}", flush=True)
+        if onnx:
+            name = "default corel1k 512px threads=2 runtime=onnx"
+            rows[name] = {"collection": "corel1k", "runtime": "onnx", **_run_child({"collection": "corel1k", "px": 512, "threads": 2,
+                                                                                   "images": images, "scratch": str(scratch),
+                                                                                   "runtime": "onnx"})}
+            print(f"grid {name}: {rows[name]}", flush=True)
         for conf in confs:
             name = f"conf {conf} corel1k threads=2"
             rows[name] = {"collection": "corel1k", "conf_name": conf,
@@ -159,12 +170,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
     ap.add_argument("--confs", nargs="*", default=list(CONF_ROWS), help="named confs timed on corel1k (none: --confs)")
     ap.add_argument("--images", type=int, default=100, help="images per row (the first N of each collection)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the row of the default build on onnxruntime")
     ap.add_argument("--json", type=Path, required=False, help="write the grid here as JSON")
     a = ap.parse_args(argv)
     if a.child:
+        # this script's folder holds benchmarks/onnx.py, which would shadow the onnx package the exporter imports
+        sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != HERE]
         print(json.dumps(child(json.loads(a.child))))
         return 0
-    res = run(a.collections, a.px, a.threads, a.images, a.confs)
+    res = run(a.collections, a.px, a.threads, a.images, a.confs, onnx=not a.no_onnx)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2) + "\n")
