@@ -47,7 +47,7 @@ class Gallery:
         checked against their SHA-256 first (``verify``), so a damaged index is a one-line error naming the file, never
         silently wrong rankings. One version of the folder is opened: a folder replaced by an update meanwhile is
         opened again, and the files read later (k-NN graph, learned state, local features) are held open now
-        (:meth:`file_path`), so a query answers from the old index or the new one, never a mix."""
+        (:meth:`open_file`), so a query answers from the old index or the new one, never a mix."""
         self.folder = Path(folder)
         self._held: Dict[str, int] = {}
         for attempt in range(OPEN_TRIES):
@@ -129,18 +129,16 @@ class Gallery:
     def __del__(self) -> None:
         self._release()
 
-    def file_path(self, name: str) -> Path:
-        """Where file ``name`` of the index as it was opened is read: the descriptor held since then (Linux:
-        ``/proc/self/fd/N``, the same file even after an update replaced the folder), else ``folder/name``."""
-        fd = self._held.get(name)
-        if fd is not None and os.path.isdir("/proc/self/fd"):
-            return Path(f"/proc/self/fd/{fd}")
-        return self.folder / name
-
     def open_file(self, name: str, opener):
-        """``opener(path)`` of index file ``name`` as it was opened, checked against the manifest first
-        (:func:`cbir.index.verify.open_checked`; errors name ``folder/name``)."""
-        return open_checked(self.folder, name, self.manifest, opener, self._verify, path=self.file_path(name))
+        """``opener(file)`` of index file ``name`` of the index as it was opened, checked against the manifest first
+        (:func:`cbir.index.verify.open_checked`; errors name ``folder/name``). ``file``: the descriptor held since the
+        open (Linux; a file object: ``opener`` reads what it needs before returning), so an update that replaced the
+        folder meanwhile changes nothing; elsewhere the path."""
+        fd = self._held.get(name)
+        if fd is None or not os.path.isdir("/proc/self/fd"):
+            return open_checked(self.folder, name, self.manifest, opener, self._verify)
+        with os.fdopen(os.dup(fd), "rb") as f:  # this version's file, whatever the folder holds now
+            return open_checked(self.folder, name, self.manifest, lambda _: opener(f), self._verify, path=f"/proc/self/fd/{fd}")
 
     def __len__(self) -> int:
         return len(self.names)

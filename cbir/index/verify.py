@@ -55,7 +55,7 @@ def verify_file(folder: os.PathLike, name: str, manifest: Dict[str, Any], full: 
     """Check one index file against the manifest's record (size always, SHA-256 when ``full``).
 
     A file already verified in this process (same inode, size and mtime) is not hashed again. ``path``: where the
-    file is read when not at ``folder/name`` (a descriptor held open, :meth:`cbir.index.gallery.Gallery.file_path`).
+    file is read when not at ``folder/name`` (a descriptor held open, :meth:`cbir.index.gallery.Gallery.open_file`).
     """
     rec = (manifest.get("files") or {}).get(name)
     held = path is not None
