@@ -63,7 +63,8 @@ def child(case: str, K: int, kind: str, cap_gib: float) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from cbir.extractors.upsample import argmax_upsample, prune_classes, upsample_bilinear, upsample_class_scores, upsample_memory_bytes
+    from cbir.extractors.upsample import (argmax_upsample, prune_classes, upsample_bilinear, upsample_class_scores,
+                                          upsample_memory_bytes)
 
     h = w = SIZE // STRIDE
     out = {"case": case, "K": K, "scores": kind, "size": [SIZE, SIZE], "grid": [h, w]}
