@@ -228,8 +228,7 @@ def commit_folder(work: Path, final: Path) -> None:
         if old.exists() and not final.exists():
             os.replace(old, final)
         raise
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    drop_old_versions(final)  # this swap's old folder, and any a killed swap left behind
 
 
 def _old_folders(folder: Path) -> List[Path]:
@@ -240,6 +239,20 @@ def _old_folders(folder: Path) -> List[Path]:
     except OSError:
         return []
     return [p for _, p in sorted(found, key=lambda t: (t[0], t[1].name), reverse=True)]
+
+
+def drop_old_versions(folder: Path) -> List[str]:
+    """Remove the ``FOLDER.old-PID-TIME`` index folders beside an index that is in place (a process killed after its swap
+    left its old version there); run by the holder of the lock, after its swap or before its update. Returns their names."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return []  # the folder is missing: an old version may be what recover() puts back
+    gone = []
+    for o in _old_folders(folder):
+        if is_index_folder(o):
+            shutil.rmtree(o, ignore_errors=True)
+            gone.append(o.name)
+    return gone
 
 
 def _complete_index(folder: Path) -> bool:
@@ -347,6 +360,7 @@ def locked_update(folder: os.PathLike, fn: Callable[[Path], T]) -> T:
     work = partial_dir(folder)
     claim_work(work, folder)
     with BuildLock(work, folder):
+        drop_old_versions(folder)
         keep = False
         try:
             return fn(work)
