@@ -116,6 +116,7 @@ def cmd_serve(a) -> int:
         import uvicorn
 
         from ..serve.app import create_app
+        from ..serve.protocol import header_deadline_protocol
     except ImportError as e:
         raise CbirError(f"cbir serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'cbir[serve]'") from None
     cfg = config_from_args(a)
@@ -130,5 +131,5 @@ def cmd_serve(a) -> int:
     print(f"cbir serve: http://{host}:{a.port}/ (API docs: /docs){'; token required' if cfg.token else ''}"
           f"{'; writes enabled' if cfg.allow_write else ''}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info", access_log=not a.quiet,
-                timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False)
+                timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False, http=header_deadline_protocol(cfg.timeout_s))
     return 0

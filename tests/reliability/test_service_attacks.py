@@ -392,9 +392,57 @@ def test_slow_bodies(ro_slow):
             s.close()
     assert served and set(served) == {200}, served
     for k, (took, data) in sorted(answers.items()):
-        status, _, body = data.partition(b" ")[2][:3], None, data.partition(b"\r\n\r\n")[2]
+        body = data.partition(b"\r\n\r\n")[2]
         assert data.startswith(b"HTTP/1.1 408") and json.loads(body)["status"] == 408, (k, data[:200])
         assert timeout_s * 0.9 <= took <= 2 * timeout_s + 5, (k, took)  # cut by the deadline, not by the client giving up
+
+
+def test_slow_headers(ro_slow):
+    """slowloris on the headers: 12 connections sending a header byte every 0.3 s (and one sending nothing), while another client searches -> each 408 JSON and closed by the request time limit (--timeout 5 here; a minute by default), every other search 200"""
+    import socket
+    import threading
+
+    import httpx
+
+    srv, timeout_s = ro_slow
+    answers = {}
+
+    def trickle(k):
+        t0 = time.monotonic()
+        data = b""
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " if k else b"")
+            s.settimeout(0.3)
+            while time.monotonic() - t0 < 60:  # bounded to a minute
+                try:
+                    if k:
+                        s.sendall(b"a")
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                except socket.timeout:
+                    pass
+                except OSError:
+                    break
+        answers[k] = (time.monotonic() - t0, data)
+
+    threads = [threading.Thread(target=trickle, args=(k,), daemon=True) for k in range(13)]
+    for t in threads:
+        t.start()
+    served = []
+    while any(t.is_alive() for t in threads) and len(served) < 200:
+        r = httpx.post(f"{srv.url}/search?top_k=2", files={"image": ("q.jpg", query_bytes(1), "image/jpeg")}, timeout=60)
+        served.append(r.status_code)
+        time.sleep(0.2)
+    for t in threads:
+        t.join(timeout=70)
+    assert served and set(served) == {200}, served
+    assert len(answers) == 13
+    for k, (took, data) in sorted(answers.items()):
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["status"] == 408, (k, data[:200])
+        assert timeout_s * 0.9 <= took <= 2 * timeout_s + 5, (k, took)
 
 
 # ----------------------------------------------------------------------------------------------- who may ask
