@@ -81,16 +81,14 @@ def _restore_process_state():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    rt = sys.modules.get("cbir.runtime")
-    default_runtime = rt._DEFAULT if rt else None
-    yield
+    from cbir.runtime import using
+
+    with using(None):  # the runtime default: unset inside the test (as every test starts), what it was after it
+        yield
     if dict(os.environ) != env:  # e.g. cbir.models.paddle sets FLAGS_enable_pir_api before a legacy jit load
         os.environ.clear()
         os.environ.update(env)
     sys.path[:] = path
-    rt = sys.modules.get("cbir.runtime")
-    if rt is not None:
-        rt._DEFAULT = default_runtime
     now = _thread_counts()
     if now.get("torch") != threads["torch"]:
         torch.set_num_threads(threads["torch"])
