@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -211,6 +212,134 @@ def _query_path(name: str, root: Optional[Path], row_of: Dict[str, int], paths) 
     return None if r is None else Path(paths[r])
 
 
+def _read_queries(gpath: Path, images: Optional[PathLike]):
+    """The queries of a ground truth: ``(revisited ground truth or None, queries, folder of the query images or None)``;
+    each query ``{"gnd", "query", "box"}`` (classic ones also ``"pos"``, ``"junk"``)."""
+    if gpath.is_file():
+        rv = read_revisited(gpath)
+        queries = [{"gnd": f"q{i:03d}", "query": q, "box": g.get("bbx")} for i, (q, g) in enumerate(zip(rv["qimlist"], rv["gnd"]))]
+        return rv, queries, (Path(images) if images else None)
+    return None, read_classic(gpath), None
+
+
+@dataclass
+class _Run:
+    """The queries that could be searched (``(query, report item)``), their rankings (gallery rows, best first; and
+    re-ranked), the queries skipped (``{"gnd", "query", "cause"}``) and the seconds spent."""
+
+    per_query: List[Tuple[Dict[str, Any], Dict[str, Any]]] = field(default_factory=list)
+    rankings: List[np.ndarray] = field(default_factory=list)
+    rankings_rr: List[np.ndarray] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+    t_extract: float = 0.0
+    t_search: float = 0.0
+    t_rerank: float = 0.0
+
+
+def _run_queries(idx, ext, queries: List[Dict[str, Any]], root: Optional[Path], row_of: Dict[str, int], revisited: bool,
+                 searcher, reranker, K: int, rerank_top: int, progress: bool) -> _Run:
+    """Crop, describe, search (and re-rank) each query; a query whose image is missing or unreadable is skipped."""
+    from ..data import resize_max_side
+    from ..progress import bar as _progress, log as _log
+
+    run = _Run()
+    pb = _progress(total=len(queries), desc="protocol queries", enabled=progress, unit="query")
+    for q in queries:
+        qpath = _query_path(q["query"], root, row_of, idx.paths)
+        if qpath is None:
+            cause = "query image not in the gallery" + (" (and no --images folder)" if revisited else "")
+            run.skipped.append({"gnd": q["gnd"], "query": q["query"], "cause": cause})
+            pb.update()
+            continue
+        t0 = time.time()
+        try:
+            full = query_crop(qpath, q.get("box"), None)
+            _, vec = idx.describe_images([resize_max_side(full, ext.max_side) if ext.max_side else full])
+        except (DecodeError, CbirError) as e:
+            run.skipped.append({"gnd": q["gnd"], "query": str(qpath), "cause": str(getattr(e, "cause", e))})
+            _log(f"skipped query {q['gnd']}: {e}", pb)
+            pb.update()
+            continue
+        t1 = time.time()
+        s, ids = searcher(vec, K)
+        t2 = time.time()
+        run.rankings.append(ids[0][ids[0] >= 0])
+        item = {"gnd": q["gnd"], "query": str(q["query"]), "query_path": str(qpath), "box": q.get("box")}
+        if reranker is not None:
+            ids_rr = reranker.rerank_image(reranker.query_frame(full), ids[0], s[0], top=rerank_top)
+            ids_rr = reranker.expand_verified(ids_rr, vec, searcher, K)
+            run.rankings_rr.append(ids_rr[ids_rr >= 0])
+            run.t_rerank += time.time() - t2
+        run.t_extract += t1 - t0
+        run.t_search += t2 - t1
+        run.per_query.append((q, item))
+        pb.update()
+    pb.close()
+    return run
+
+
+def _score_revisited(ranks_list, per_query, rv: Dict[str, Any], row_of: Dict[str, int], n: int, gpath: Path,
+                     folder) -> Dict[str, Any]:
+    """revisitop's scores of the rankings, per setup: ``{setup: {"map", "mp@k"..., "aps"}}``; the gallery must hold
+    the whole imlist."""
+    im_rows = np.array([row_of.get(s, -1) for s in rv["imlist"]])
+    missing = int((im_rows < 0).sum())
+    if missing:
+        raise CbirError(f"{gpath}: {missing} of the {len(im_rows)} imlist images are not in the gallery {folder} "
+                        "(the revisited protocol ranks exactly its imlist)")
+    inv = np.full(n, -1, np.int64)
+    inv[im_rows] = np.arange(len(im_rows))
+    ranks = np.stack([inv[rk] for rk in ranks_list], 1)
+    g_used = [rv["gnd"][int(q["gnd"][1:])] for q, _ in per_query]
+    out: Dict[str, Any] = {}
+    for setup in SETUPS:
+        res = compute_map(ranks, revisited_setup(g_used, setup), REVISITED_KS)
+        out[setup] = {"map": res["map"], **{f"mp@{k}": (None if np.isnan(v) else float(v)) for k, v in zip(REVISITED_KS, res["mp"])},
+                      "aps": [None if np.isnan(a) else float(a) for a in res["aps"]]}
+    return out
+
+
+def _score_classic(ranks_list, per_query, stems: np.ndarray) -> Dict[str, Any]:
+    """cbir's AP and the trapezoidal AP of each classic query's ranking (junk taken out): ``{"aps", "trap"}``."""
+    aps, tr = [], []
+    for (q, _), rk in zip(per_query, ranks_list):
+        names = stems[rk]
+        present = q["pos"] & set(stems)
+        aps.append(plain_ap(names, q["pos"], q["junk"], len(present)))
+        keep = ~np.isin(names, list(q["junk"]))
+        jfree = rk[keep]
+        pos = np.flatnonzero(np.isin(stems[jfree], list(q["pos"])))
+        tr.append(compute_ap(pos, len(present)))
+    return {"aps": aps, "trap": tr}
+
+
+def _metrics(scores: Dict[str, Any], revisited: bool) -> Dict[str, Any]:
+    """The report's means: per setup (``map`` = Medium's) for revisited, ``map`` and ``map_trapezoid`` for classic."""
+    if revisited:
+        out = {s: {k: v for k, v in scores[s].items() if k != "aps"} for s in SETUPS}
+        out["map"] = out["medium"]["map"]
+        return out
+    return {"map": float(np.mean(scores["aps"])), "map_trapezoid": float(np.mean(scores["trap"]))}
+
+
+def _query_items(idx, run: _Run, base: Dict[str, Any], rr: Optional[Dict[str, Any]], stems: np.ndarray,
+                 revisited: bool) -> List[Dict[str, Any]]:
+    """Each scored query's report item with its AP(s) and ranking(s) as gallery names."""
+    queries_out = []
+    for j, ((q, item), rk) in enumerate(zip(run.per_query, run.rankings)):
+        if revisited:
+            item["ap"] = {s: base[s]["aps"][j] for s in SETUPS}
+        else:
+            item["ap"] = base["aps"][j]
+            item["n_positives"] = len(q["pos"] & set(stems))
+        item["ranking"] = [str(x) for x in idx.names[rk]]
+        if rr is not None:
+            item["ap_rerank"] = {s: rr[s]["aps"][j] for s in SETUPS} if revisited else rr["aps"][j]
+            item["ranking_rerank"] = [str(x) for x in idx.names[run.rankings_rr[j]]]
+        queries_out.append(item)
+    return queries_out
+
+
 def evaluate_gnd(index, gnd: PathLike, rerank: Optional[str] = None, rerank_top: int = 100,
                  rerank_conf: Optional[Dict[str, Any]] = None, expand: Any = "index", progress: bool = True,
                  max_rank: Optional[int] = None, images: Optional[PathLike] = None) -> Dict[str, Any]:
@@ -221,15 +350,15 @@ def evaluate_gnd(index, gnd: PathLike, rerank: Optional[str] = None, rerank_top:
     ``expand``: the graph stage (``"index"``: what the index records; None: plain search). Returns a report with
     ``n_queries``, ``metrics`` (``map``, ``map_trapezoid``; per setup for revisited), ``metrics_rerank`` when
     re-ranked, and per query ``gnd``, ``query``, ``ap`` and ``ranking`` (gallery names, junk included).
+
+    The phases: the queries (``_read_queries``), their search (``_run_queries``), the scores (``_score_revisited`` /
+    ``_score_classic``, ``_metrics``), the per-query items (``_query_items``).
     """
-    from ..data import resize_max_side
-    from ..progress import bar as _progress, log as _log
     from ..query import Index
 
     t_start = time.time()
     idx = index if isinstance(index, Index) else Index(index)
     gpath = Path(gnd)
-    revisited = gpath.is_file()
     stems = np.array([stem(n) for n in idx.names], dtype=object)
     row_of = {}
     for i, s in enumerate(stems):
@@ -243,116 +372,33 @@ def evaluate_gnd(index, gnd: PathLike, rerank: Optional[str] = None, rerank_top:
 
         reranker = Reranker(idx, rerank, conf=rerank_conf or {})
     ext = idx.extractor
-
-    if revisited:
-        rv = read_revisited(gpath)
-        queries = [{"gnd": f"q{i:03d}", "query": q, "box": g.get("bbx")} for i, (q, g) in enumerate(zip(rv["qimlist"], rv["gnd"]))]
-        root = Path(images) if images else None
-    else:
-        queries = read_classic(gpath)
-        root = None
-    skipped = []
-    per_query, rankings, rankings_rr = [], [], []
-    t_extract = t_search = t_rerank = 0.0
-    pb = _progress(total=len(queries), desc="protocol queries", enabled=progress, unit="query")
-    for q in queries:
-        qpath = _query_path(q["query"], root, row_of, idx.paths)
-        if qpath is None:
-            cause = "query image not in the gallery" + (" (and no --images folder)" if revisited else "")
-            skipped.append({"gnd": q["gnd"], "query": q["query"], "cause": cause})
-            pb.update()
-            continue
-        t0 = time.time()
-        try:
-            full = query_crop(qpath, q.get("box"), None)
-            _, vec = idx.describe_images([resize_max_side(full, ext.max_side) if ext.max_side else full])
-        except (DecodeError, CbirError) as e:
-            skipped.append({"gnd": q["gnd"], "query": str(qpath), "cause": str(getattr(e, "cause", e))})
-            _log(f"skipped query {q['gnd']}: {e}", pb)
-            pb.update()
-            continue
-        t1 = time.time()
-        s, ids = searcher(vec, K)
-        t2 = time.time()
-        ids0 = ids[0][ids[0] >= 0]
-        rankings.append(ids0)
-        item = {"gnd": q["gnd"], "query": str(q["query"]), "query_path": str(qpath), "box": q.get("box")}
-        if reranker is not None:
-            ids_rr = reranker.rerank_image(reranker.query_frame(full), ids[0], s[0], top=rerank_top)
-            ids_rr = reranker.expand_verified(ids_rr, vec, searcher, K)
-            rankings_rr.append(ids_rr[ids_rr >= 0])
-            t_rerank += time.time() - t2
-        t_extract += t1 - t0
-        t_search += t2 - t1
-        per_query.append((q, item))
-        pb.update()
-    pb.close()
+    rv, queries, root = _read_queries(gpath, images)
+    revisited = rv is not None
+    run = _run_queries(idx, ext, queries, root, row_of, revisited, searcher, reranker, K, rerank_top, progress)
+    per_query = run.per_query
     if not per_query:
-        why = skipped[0]["cause"] if skipped else "the ground truth lists no query"
-        raise CbirError(f"{gpath}: no query can be evaluated ({len(skipped)} skipped, e.g. {why})")
+        why = run.skipped[0]["cause"] if run.skipped else "the ground truth lists no query"
+        raise CbirError(f"{gpath}: no query can be evaluated ({len(run.skipped)} skipped, e.g. {why})")
 
     def score(ranks_list) -> Dict[str, Any]:
         if revisited:
-            im_rows = np.array([row_of.get(s, -1) for s in rv["imlist"]])
-            missing = int((im_rows < 0).sum())
-            if missing:
-                raise CbirError(f"{gpath}: {missing} of the {len(im_rows)} imlist images are not in the gallery {idx.folder} "
-                                "(the revisited protocol ranks exactly its imlist)")
-            inv = np.full(n, -1, np.int64)
-            inv[im_rows] = np.arange(len(im_rows))
-            ranks = np.stack([inv[rk] for rk in ranks_list], 1)
-            g_used = [rv["gnd"][int(q["gnd"][1:])] for q, _ in per_query]
-            out: Dict[str, Any] = {}
-            for setup in SETUPS:
-                res = compute_map(ranks, revisited_setup(g_used, setup), REVISITED_KS)
-                out[setup] = {"map": res["map"], **{f"mp@{k}": (None if np.isnan(v) else float(v)) for k, v in zip(REVISITED_KS, res["mp"])},
-                              "aps": [None if np.isnan(a) else float(a) for a in res["aps"]]}
-            return out
-        aps, tr = [], []
-        for (q, _), rk in zip(per_query, ranks_list):
-            names = stems[rk]
-            present = q["pos"] & set(stems)
-            aps.append(plain_ap(names, q["pos"], q["junk"], len(present)))
-            keep = ~np.isin(names, list(q["junk"]))
-            jfree = rk[keep]
-            pos = np.flatnonzero(np.isin(stems[jfree], list(q["pos"])))
-            tr.append(compute_ap(pos, len(present)))
-        return {"aps": aps, "trap": tr}
+            return _score_revisited(ranks_list, per_query, rv, row_of, n, gpath, idx.folder)
+        return _score_classic(ranks_list, per_query, stems)
 
-    base = score(rankings)
+    base = score(run.rankings)
     rep: Dict[str, Any] = {"index": str(idx.folder), "gnd": str(gpath), "protocol": "revisited" if revisited else "oxford-paris",
                            "extractor": idx.extractor_name, "gallery_size": n, "n_queries": len(per_query),
-                           "n_queries_listed": len(queries), "n_queries_skipped": len(skipped), "queries_skipped": skipped,
+                           "n_queries_listed": len(queries), "n_queries_skipped": len(run.skipped), "queries_skipped": run.skipped,
                            "expand": searcher.describe(), "max_rank": K}
-    if revisited:
-        rep["metrics"] = {s: {k: v for k, v in base[s].items() if k != "aps"} for s in SETUPS}
-        rep["metrics"]["map"] = rep["metrics"]["medium"]["map"]
-    else:
-        rep["metrics"] = {"map": float(np.mean(base["aps"])), "map_trapezoid": float(np.mean(base["trap"]))}
-    rr = score(rankings_rr) if reranker is not None else None
+    rep["metrics"] = _metrics(base, revisited)
+    rr = score(run.rankings_rr) if reranker is not None else None
     if rr is not None:
-        if revisited:
-            rep["metrics_rerank"] = {s: {k: v for k, v in rr[s].items() if k != "aps"} for s in SETUPS}
-            rep["metrics_rerank"]["map"] = rep["metrics_rerank"]["medium"]["map"]
-        else:
-            rep["metrics_rerank"] = {"map": float(np.mean(rr["aps"])), "map_trapezoid": float(np.mean(rr["trap"]))}
+        rep["metrics_rerank"] = _metrics(rr, revisited)
         rep["rerank"] = {"matcher": rerank, "top": rerank_top, **reranker.describe()}
-    queries_out = []
-    for j, ((q, item), rk) in enumerate(zip(per_query, rankings)):
-        if revisited:
-            item["ap"] = {s: base[s]["aps"][j] for s in SETUPS}
-        else:
-            item["ap"] = base["aps"][j]
-            item["n_positives"] = len(q["pos"] & set(stems))
-        item["ranking"] = [str(x) for x in idx.names[rk]]
-        if rr is not None:
-            item["ap_rerank"] = {s: rr[s]["aps"][j] for s in SETUPS} if revisited else rr["aps"][j]
-            item["ranking_rerank"] = [str(x) for x in idx.names[rankings_rr[j]]]
-        queries_out.append(item)
-    rep["queries"] = queries_out
-    rep["seconds"] = {"extract_queries": round(t_extract, 3), "search": round(t_search, 3),
-                      "search_ms_per_query": round(1000 * t_search / len(per_query), 3), "total": round(time.time() - t_start, 3)}
+    rep["queries"] = _query_items(idx, run, base, rr, stems, revisited)
+    rep["seconds"] = {"extract_queries": round(run.t_extract, 3), "search": round(run.t_search, 3),
+                      "search_ms_per_query": round(1000 * run.t_search / len(per_query), 3), "total": round(time.time() - t_start, 3)}
     if reranker is not None:
-        rep["seconds"]["rerank"] = round(t_rerank, 3)
-        rep["seconds"]["rerank_s_per_query"] = round(t_rerank / len(per_query), 4)
+        rep["seconds"]["rerank"] = round(run.t_rerank, 3)
+        rep["seconds"]["rerank_s_per_query"] = round(run.t_rerank / len(per_query), 4)
     return rep
