@@ -205,10 +205,10 @@ class _loopback_mode:
 # ------------------------------------------------------------------------------- the actor
 
 
-class _Worker:
+class RayWorker:
     """One Ray actor: the extractor built once, batches of ``(position, path)`` decoded and described on request.
 
-    Plain class, made a Ray actor by :func:`ray_rows` (``ray.remote(_Worker)``), so importing this module needs no Ray.
+    Plain class, made a Ray actor by :func:`ray_rows` (``ray.remote(RayWorker)``), so importing this module needs no Ray.
     """
 
     def __init__(self, name: str, conf: Dict[str, Any], state: Dict[str, np.ndarray], key: str, threads: int,
@@ -309,6 +309,106 @@ def _progress_fn(progress) -> Callable[[int], None]:
     return progress
 
 
+class _Pool:
+    """The driver's side of a pass: one actor per slot, the batches queued and in flight, retries and replacements.
+
+    ``batches`` (lists of positions into ``paths``) grows when a batch that keeps killing its worker is split into
+    single images; ``stats`` is filled as :func:`ray_rows` documents.
+    """
+
+    def __init__(self, ray, actor_cls, args: tuple, n_act: int, batches: List[List[int]], paths: List[str],
+                 in_flight: int, max_retries: int, stats: Dict[str, Any]) -> None:
+        self.ray, self.actor_cls, self.args = ray, actor_cls, args
+        self.n_act, self.batches, self.paths = n_act, batches, paths
+        self.in_flight, self.max_retries = max(1, int(in_flight)), int(max_retries)
+        self.slots = [self.new_actor() for _ in range(n_act)]
+        self.gen = [0] * n_act  # replacement count per slot: a failure of a replaced actor's batch does not replace again
+        self.replaced = 0
+        self.pending: Dict[Any, Tuple[int, int, int]] = {}  # ref -> (slot, generation, batch id)
+        self.load = [0] * n_act
+        self.queue: collections.deque = collections.deque(range(len(batches)))
+        self.tries: Dict[int, int] = collections.defaultdict(int)
+        self.stats = stats
+        stats.update({"actors": n_act, "result_pids": [], "replaced": 0, "retried": 0})
+
+    def new_actor(self):
+        return self.actor_cls.remote(*self.args)
+
+    def start(self, session: "RaySession", cpus_per_actor: float, info: Optional[List[Dict[str, Any]]]) -> None:
+        """Wait until every actor has loaded the extractor; a :class:`CbirError` when one cannot or they do not start."""
+        from ray import exceptions as rex
+
+        t_call = time.monotonic()
+        try:
+            infos = self.ray.get([a.info.remote() for a in self.slots], timeout=START_TIMEOUT)
+        except rex.GetTimeoutError:
+            raise CbirError(f"{self.n_act} Ray worker(s) did not start within {START_TIMEOUT:.0f} s "
+                            f"(free CPUs: {session.cpus():g}; each asks for {cpus_per_actor:g})") from None
+        except rex.RayError as e:
+            raise CbirError(f"Ray workers could not start: {_one_line(e)}") from None
+        bad = next((i for i in infos if i.get("failed")), None)
+        if bad is not None:
+            raise CbirError(f"Ray worker on {bad['host']} (node {bad['node_id'][:12]}): {bad['failed']}")
+        if info is not None:
+            info[:] = [{k: v for k, v in i.items() if k != "failed"} for i in infos]
+        self.stats["started_s"] = round(time.monotonic() - t_call, 3)  # actors up, extractor loaded in each
+
+    def fill(self, s: int) -> None:
+        """Queue batches on slot ``s`` up to ``in_flight``."""
+        while self.load[s] < self.in_flight and self.queue:
+            bid = self.queue.popleft()
+            ref = self.slots[s].run.remote([(p, self.paths[p]) for p in self.batches[bid]])
+            self.pending[ref] = (s, self.gen[s], bid)
+            self.load[s] += 1
+
+    def fill_all(self) -> None:
+        for s in range(self.n_act):
+            self.fill(s)
+
+    def next_done(self) -> Tuple[Any, int, int, int]:
+        """The next finished batch: ``(ref, slot, generation, batch id)``."""
+        ready, _ = self.ray.wait(list(self.pending), num_returns=1)
+        ref = ready[0]
+        s, g, bid = self.pending.pop(ref)
+        self.load[s] -= 1
+        return ref, s, g, bid
+
+    def lost(self, s: int, g: int, bid: int, e: BaseException) -> Optional[Tuple[int, str]]:
+        """Batch ``bid`` was lost with its actor (Ray's own restarts and retries spent): the actor is replaced (once per
+        generation), the batch sent again, or split into single images when it keeps failing; a single image that
+        still fails is given up: ``(position, cause)``, else None."""
+        self.tries[bid] += 1
+        self.stats["retried"] += 1
+        if g == self.gen[s]:  # replace the actor once, whatever number of its batches fail with it
+            self.replaced += 1
+            if self.replaced > 2 * self.n_act + 2:
+                raise CbirError(f"Ray workers keep dying ({self.replaced} replaced); last: {_one_line(e)}") from None
+            try:
+                self.ray.kill(self.slots[s], no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+            self.slots[s] = self.new_actor()
+            self.gen[s] += 1
+            self.stats["replaced"] = self.replaced
+        batch = self.batches[bid]
+        if self.tries[bid] <= max(1, self.max_retries):
+            self.queue.appendleft(bid)
+        elif len(batch) > 1:  # a batch that keeps killing its worker: image by image
+            for p in batch:
+                self.batches.append([p])
+                self.queue.append(len(self.batches) - 1)
+        else:
+            return batch[0], f"the Ray worker died while describing it ({self.tries[bid]} tries; last: {_one_line(e)})"
+        return None
+
+    def close(self) -> None:
+        for a in self.slots:
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
 def ray_rows(
     todo: Sequence[Entry],
     ext: Extractor,
@@ -357,93 +457,38 @@ def ray_rows(
     paths = [os.path.abspath(str(e.path)) for e in todo]
     batches: List[List[int]] = [list(range(a, min(n, a + int(batch_size)))) for a in range(0, n, int(batch_size))]
     tell = _progress_fn(progress)
+    failed_entry: Optional[Tuple[Entry, str]] = None
 
     with RaySession(address, num_cpus=num_cpus) as session:
         n_act = int(actors) if actors else max(1, int(session.cpus() // max(cpus_per_actor, 1e-3)))
         n_act = max(1, min(n_act, len(batches)))
         state = ext.state()  # passed inline: small (codebooks, centres), and an actor restart never loses it
         key = ext.key(with_state=True)
-        Actor = ray.remote(_Worker).options(num_cpus=cpus_per_actor, max_restarts=int(max_retries),
-                                            max_task_retries=int(max_retries))
-
-        def new_actor():
-            return Actor.remote(ext.name, ext.conf, state, key, int(threads), decode_side, int(decode_workers))
-
-        slots = [new_actor() for _ in range(n_act)]
-        gen = [0] * n_act  # replacement count per slot: a failure of a replaced actor's batch does not replace again
-        replaced = 0
-        pending: Dict[Any, Tuple[int, int, int]] = {}  # ref -> (slot, generation, batch id)
-        load = [0] * n_act
-        queue: collections.deque = collections.deque(range(len(batches)))
-        tries: Dict[int, int] = collections.defaultdict(int)
-        failed_entry: Optional[Tuple[Entry, str]] = None
-        st = stats if stats is not None else {}
-        st.update({"actors": n_act, "result_pids": [], "replaced": 0, "retried": 0})
-        t_call = time.monotonic()
+        actor_cls = ray.remote(RayWorker).options(num_cpus=cpus_per_actor, max_restarts=int(max_retries),
+                                                  max_task_retries=int(max_retries))
+        args = (ext.name, ext.conf, state, key, int(threads), decode_side, int(decode_workers))
+        pool = _Pool(ray, actor_cls, args, n_act, batches, paths, in_flight, max_retries,
+                     stats if stats is not None else {})
+        st = pool.stats
         try:
-            try:
-                infos = ray.get([a.info.remote() for a in slots], timeout=START_TIMEOUT)
-            except rex.GetTimeoutError:
-                raise CbirError(f"{n_act} Ray worker(s) did not start within {START_TIMEOUT:.0f} s "
-                                f"(free CPUs: {session.cpus():g}; each asks for {cpus_per_actor:g})") from None
-            except rex.RayError as e:
-                raise CbirError(f"Ray workers could not start: {_one_line(e)}") from None
-            bad = next((i for i in infos if i.get("failed")), None)
-            if bad is not None:
-                raise CbirError(f"Ray worker on {bad['host']} (node {bad['node_id'][:12]}): {bad['failed']}")
-            if info is not None:
-                info[:] = [{k: v for k, v in i.items() if k != "failed"} for i in infos]
-            st["started_s"] = round(time.monotonic() - t_call, 3)  # actors up, extractor loaded in each
-
-            def fill(s: int) -> None:
-                while load[s] < max(1, int(in_flight)) and queue:
-                    bid = queue.popleft()
-                    ref = slots[s].run.remote([(p, paths[p]) for p in batches[bid]])
-                    pending[ref] = (s, gen[s], bid)
-                    load[s] += 1
-
-            for s in range(n_act):
-                fill(s)
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                ref = ready[0]
-                s, g, bid = pending.pop(ref)
-                load[s] -= 1
+            pool.start(session, cpus_per_actor, info)
+            pool.fill_all()
+            while pool.pending:
+                ref, s, g, bid = pool.next_done()
                 try:
                     res = ray.get(ref)
                 except rex.RayTaskError as e:  # an exception the actor did not catch: a bug, not a bad image
                     raise CbirError(f"a Ray worker failed: {_one_line(e)}") from None
                 except rex.RayError as e:  # the actor died (and Ray's own restarts / retries are spent), node lost...
-                    tries[bid] += 1
-                    st["retried"] += 1
-                    if g == gen[s]:  # replace the actor once, whatever number of its batches fail with it
-                        replaced += 1
-                        if replaced > 2 * n_act + 2:
-                            raise CbirError(f"Ray workers keep dying ({replaced} replaced); last: {_one_line(e)}") from None
-                        try:
-                            ray.kill(slots[s], no_restart=True)
-                        except Exception:  # noqa: BLE001
-                            pass
-                        slots[s] = new_actor()
-                        gen[s] += 1
-                        st["replaced"] = replaced
-                    batch = batches[bid]
-                    if tries[bid] <= max(1, int(max_retries)):
-                        queue.appendleft(bid)
-                    elif len(batch) > 1:  # a batch that keeps killing its worker: image by image
-                        for p in batch:
-                            batches.append([p])
-                            queue.append(len(batches) - 1)
-                    else:
-                        p = batch[0]
-                        cause = f"the Ray worker died while describing it ({tries[bid]} tries; last: {_one_line(e)})"
+                    given_up = pool.lost(s, g, bid, e)
+                    if given_up is not None:
+                        p, cause = given_up
                         tell(1)
                         yield "error", todo[p], cause
                         if strict:
                             failed_entry = (todo[p], cause)
                             break
-                    for t in range(n_act):
-                        fill(t)
+                    pool.fill_all()
                     continue
                 if res["fatal"]:
                     raise CbirError(res["fatal"])
@@ -459,13 +504,9 @@ def ray_rows(
                 tell(len(batches[bid]))
                 if failed_entry is not None:
                     break
-                fill(s)
+                pool.fill(s)
         finally:
-            for a in slots:
-                try:
-                    ray.kill(a, no_restart=True)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+            pool.close()
     if failed_entry is not None:
         e, cause = failed_entry
         raise CbirError(f"--strict: {e.path}: {cause}")
@@ -512,4 +553,4 @@ def local_rows(todo: Sequence[Entry], ext: Extractor, batch_size: int = 16, deco
         yield from flush()
 
 
-__all__ = ["ray_rows", "local_rows", "ray_available", "RaySession", "LOCAL_CPUS"]
+__all__ = ["ray_rows", "local_rows", "ray_available", "RaySession", "RayWorker", "LOCAL_CPUS"]

@@ -23,7 +23,7 @@ from cbir.errors import CbirError
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cbir[ray]')")
 
-from cbir.distributed import RaySession, _Worker, local_rows, ray_available, ray_rows  # noqa: E402
+from cbir.distributed import RaySession, RayWorker, local_rows, ray_available, ray_rows  # noqa: E402
 from cbir.extractors.base import make_extractor  # noqa: E402
 
 DEMO = REPO / "indexes" / "_datasets" / "demo" / "images"
@@ -250,10 +250,10 @@ def test_strict_stops_at_the_first_failure(ray_cluster, demo_entries):
 
 def test_worker_refuses_another_extractor():
     """An actor whose extractor does not reproduce the driver's key (other weights, config or state) refuses to work."""
-    w = _Worker("colour", {}, {}, "not-the-key", 1, None, 0)
+    w = RayWorker("colour", {}, {}, "not-the-key", 1, None, 0)
     assert "key" in w.info()["failed"]
     assert w.run([(0, "/nonexistent.jpg")])["fatal"]
-    w = _Worker("no-such-extractor", {}, {}, "k", 1, None, 0)
+    w = RayWorker("no-such-extractor", {}, {}, "k", 1, None, 0)
     assert "cannot make extractor" in w.info()["failed"]
 
 
