@@ -109,10 +109,13 @@ def cmd_index_verify(a) -> int:
 def cmd_index_info(a) -> int:
     from ..index.backend import index_summary
     from ..index.folder import read_manifest
+    from ..index.gallery import check_shapes
     from ..index.verify import check_sizes
 
     m = read_manifest(a.index)
     check_sizes(a.index, m)  # a missing, cut or replaced file is named here (`index verify` also checks every byte)
+    if not m.get("store"):
+        check_shapes(a.index, m)  # and counts or dimensions the features do not hold
     info = index_summary(m, a.index)
     if a.json:
         print(json.dumps({**info, "manifest": m}, indent=2))

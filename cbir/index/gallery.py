@@ -39,6 +39,27 @@ def _stamp(folder: Path) -> Optional[Tuple[int, int, int]]:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def check_shapes(folder: PathLike, m: Dict[str, Any], shapes: Optional[Dict[str, Any]] = None) -> None:
+    """The datasets of features.h5 have the shapes the manifest implies (count x dim...): a manifest claiming more
+    rows or wider ones than the file holds is damage, named before anything is allocated from it. ``shapes``: those
+    of rows already read; else the file's own, read without a byte of data."""
+    if shapes is None:
+        import h5py
+
+        def opener(p):
+            with h5py.File(p, "r") as f:
+                return {k: f[k].shape for k in f if isinstance(f[k], h5py.Dataset)}
+
+        shapes = open_checked(folder, FEATURES, m, opener, verify=False)
+    n = m["count"]
+    width = m["code_bits"] // 8 if m["metric"] == "hamming" else m["dim"]
+    for key, shape in (("names", (n,)), ("paths", (n,)), ("labels", (n,)), ("descriptors", (n, m["dim"])),
+                       *((("codes", (n, width)),) if m["metric"] == "hamming" else ())):
+        got = shapes.get(key)
+        if got != shape:
+            raise damaged(folder, FEATURES, f"dataset {key!r} has shape {got}, the manifest implies {shape}", m)
+
+
 class Gallery:
     """A built index folder: manifest, row metadata (names, paths, labels, ids), descriptors and the search backend."""
 
@@ -71,12 +92,7 @@ class Gallery:
         self.metric = m["metric"]
         rows = open_checked(self.folder, FEATURES, m, lambda p: read_rows(p, lazy=("descriptors", "codes", "raw"))[0], verify)
         n = m["count"]
-        width = m["code_bits"] // 8 if self.metric == "hamming" else m["dim"]
-        for key, shape in (("names", (n,)), ("paths", (n,)), ("labels", (n,)), ("descriptors", (n, m["dim"])),
-                           *((("codes", (n, width)),) if self.metric == "hamming" else ())):
-            got = getattr(rows.get(key), "shape", None)
-            if got != shape:
-                raise damaged(self.folder, FEATURES, f"dataset {key!r} has shape {got}, the manifest implies {shape}", m)
+        check_shapes(self.folder, m, {k: getattr(v, "shape", None) for k, v in rows.items()})
         self.names: np.ndarray = rows["names"]
         self.paths: np.ndarray = rows["paths"]
         self.labels: np.ndarray = np.array([l if l != "" else None for l in rows["labels"]], dtype=object)

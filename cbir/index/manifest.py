@@ -42,6 +42,7 @@ METRICS = ("cosine", "hamming")
 ANNS = ("flat", "hnsw", "ivf")
 MAX_DIM = 1 << 20
 MAX_COUNT = 1 << 40
+MAX_ID = 1 << 62  # ids are int64: room for MAX_COUNT more after the largest
 
 
 def _fail(p: Path, what: str) -> CbirError:
@@ -108,8 +109,25 @@ def validate_manifest(m: Any, p: Path) -> Dict[str, Any]:
         for k, allowed in (("codec", ("float32", "float16", "sq8", "pq")), ("ann", ANNS)):
             if search.get(k) not in allowed:
                 raise _fail(p, f"search.{k} must be one of {allowed}")
-    if "next_id" in m and (isinstance(m["next_id"], bool) or not isinstance(m["next_id"], int) or m["next_id"] < 0):
-        raise _fail(p, "'next_id' must be a non-negative integer")
+    if m.get("graph") is not None:  # the graph stage queries get by default: bounded like a request's (expansion.MAX_K)
+        from .expansion import parse_expand
+
+        try:
+            parse_expand(m["graph"])
+        except CbirError as e:
+            raise _fail(p, f"'graph': {e}") from None
+    rec = m.get("knn")
+    if rec is not None:
+        from .expansion import MAX_K
+        from .knn import GRAPH_FILE
+
+        if not isinstance(rec, dict) or rec.get("file") != GRAPH_FILE:
+            raise _fail(p, f"'knn' must be null or {{file: {GRAPH_FILE}, k}}")
+        k = rec.get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise _fail(p, f"knn.k must be an integer from 1 to {MAX_K}")
+    if "next_id" in m and (isinstance(m["next_id"], bool) or not isinstance(m["next_id"], int) or not 0 <= m["next_id"] <= MAX_ID):
+        raise _fail(p, f"'next_id' must be an integer in 0..{MAX_ID} (image ids are int64)")
     files = m.get("files")
     if files is not None:
         if not isinstance(files, dict):
