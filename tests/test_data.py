@@ -20,6 +20,7 @@ from cbir.data import (
     read_file_list,
 )
 import cbir.data as data
+import cbir.data.decode as decode  # the decoding module: its limits, byte budget and helpers
 from cbir.errors import CbirError, DecodeError
 
 
@@ -231,23 +232,23 @@ def test_huge_rgba_png_decodes_to_the_working_size_with_its_colours(big_png):
 
 def test_huge_png_takes_one_decode_buffer_counted_in_the_budget(big_png, monkeypatch):
     held = []
-    real = data._DECODE_BUDGET.hold
+    real = decode._DECODE_BUDGET.hold
 
     def hold(nbytes, limit):
         held.append((nbytes, limit))
         return real(nbytes, limit)
 
-    monkeypatch.setattr(data._DECODE_BUDGET, "hold", hold)
+    monkeypatch.setattr(decode._DECODE_BUDGET, "hold", hold)
     decode_image(big_png, max_side=512)
-    assert held == [(BIG * BIG * 4, data.MAX_PIXELS * 4)]
-    assert data._DECODE_BUDGET.used == 0
+    assert held == [(BIG * BIG * 4, decode.MAX_PIXELS * 4)]
+    assert decode._DECODE_BUDGET.used == 0
 
 
 def test_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
     Image.fromarray(_rgb(3000, 4000)).save(tmp_path / "photo.jpg", quality=80)
     held = []
-    real = data._DECODE_BUDGET.hold
-    monkeypatch.setattr(data._DECODE_BUDGET, "hold", lambda n, lim: held.append(n) or real(n, lim))
+    real = decode._DECODE_BUDGET.hold
+    monkeypatch.setattr(decode._DECODE_BUDGET, "hold", lambda n, lim: held.append(n) or real(n, lim))
     assert decode_image(tmp_path / "photo.jpg", max_side=500).shape == (375, 500, 3)
     assert held == [500 * 375 * 4]  # draft mode: 1/8 scale, never the 4000x3000 buffer
 
@@ -341,7 +342,7 @@ def test_max_pixels_flag_in_build_and_query(tmp_path, capsys):
     m = json.loads((idx / "manifest.json").read_text())
     assert m["count"] == 3 and [f["name"] for f in m["failures"]] == ["large.png"]
     assert "limit of 1,000,000 pixels" in m["failures"][0]["cause"]
-    assert data.MAX_PIXELS == data.DEFAULT_MAX_PIXELS  # main() leaves the process limit as it was
+    assert decode.MAX_PIXELS == data.DEFAULT_MAX_PIXELS  # main() leaves the process limit as it was
     capsys.readouterr()
     rc = main(["query", "--index", str(idx), str(tmp_path / "large.png"), "--max-pixels", "1000000", "--quiet"])
     err = capsys.readouterr().err.strip()
@@ -361,20 +362,20 @@ def test_memory_error_decoding_one_image_fails_that_image_only(tmp_path, monkeyp
         p = tmp_path / f"{i}.png"
         Image.fromarray(_rgb(50, 70 + i, seed=i)).save(p)
         entries.append(Entry(p.name, p, None))
-    real = data._reduced_rgb8
+    real = decode._reduced_rgb8
 
     def reduced(im, factor):
         if im.size[0] == 72:
             np.empty((1 << 40,), np.uint8)  # numpy's own _ArrayMemoryError, as in the report
         return real(im, factor)
 
-    monkeypatch.setattr(data, "_reduced_rgb8", reduced)
+    monkeypatch.setattr(decode, "_reduced_rgb8", reduced)
     with pytest.raises(DecodeError, match=r"out of memory decoding this 72x50 image"):
         decode_image(entries[2].path)
     rep = build_index(entries, tmp_path / "idx", extractor="colour", progress=False)
     assert rep.count == 4 and [f["name"] for f in rep.failures] == ["2.png"]
     assert "out of memory" in rep.failures[0]["cause"] and "72x50" in rep.failures[0]["cause"]
-    assert data._DECODE_BUDGET.used == 0  # the failed image gave its budget back
+    assert decode._DECODE_BUDGET.used == 0  # the failed image gave its budget back
 
 
 def test_memory_error_outside_decode_image_and_in_extraction_stay_per_image(tmp_path, monkeypatch):
@@ -386,13 +387,13 @@ def test_memory_error_outside_decode_image_and_in_extraction_stay_per_image(tmp_
         p = tmp_path / f"{i}.png"
         Image.fromarray(_rgb(50, 70 + i, seed=i)).save(p)
         entries.append(Entry(p.name, p, None))
-    real_decode = data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda p, **kw: (_ for _ in ()).throw(MemoryError()) if str(p).endswith("1.png")
+    real_decode = decode.decode_image
+    monkeypatch.setattr(decode, "decode_image", lambda p, **kw: (_ for _ in ()).throw(MemoryError()) if str(p).endswith("1.png")
                         else real_decode(p, **kw))
     got = list(iter_decoded(entries, max_side=64, workers=2))
     assert isinstance(got[1][2], DecodeError) and "out of memory" in got[1][2].cause
     assert all(isinstance(g[2], np.ndarray) for j, g in enumerate(got) if j != 1)
-    monkeypatch.setattr(data, "decode_image", real_decode)
+    monkeypatch.setattr(decode, "decode_image", real_decode)
     # a MemoryError in the network batch: the engine retries one by one and names the image
     real_extract = ColourExtractor.extract
 
@@ -408,7 +409,7 @@ def test_memory_error_outside_decode_image_and_in_extraction_stay_per_image(tmp_
 
 
 def test_decode_budget_runs_big_buffers_one_at_a_time():
-    budget = data._ByteBudget()
+    budget = decode._ByteBudget()
     peak = []
     lock = threading.Lock()
     start = threading.Barrier(4)

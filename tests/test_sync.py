@@ -36,7 +36,7 @@ def _no_decoding(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("decoded an image")
 
-    monkeypatch.setattr(cbir.data, "decode_image", refuse)
+    monkeypatch.setattr(cbir.data.decode, "decode_image", refuse)
 
 
 def _names(out):
