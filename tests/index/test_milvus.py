@@ -240,7 +240,7 @@ def test_damaged_pointer_missing_collection_wrong_dim_and_topk_limit(uri, tmp_pa
         MilvusBackend.attach(SearchSpec(metric="cosine", dim_in=16), uri, "g")
     with pytest.raises(CbirError, match="exists already"):
         MilvusBackend(SearchSpec(metric="cosine", dim_in=8), uri, "g")
-    monkeypatch.setattr(mv, "MAX_TOPK", 2)
+    monkeypatch.setattr(mv.collection, "MAX_TOPK", 2)  # the module whose search reads it
     with pytest.raises(CbirError, match="at most 2 results"):
         b.search(_unit(1, 8), 3)
     b.drop()

@@ -1,48 +1,22 @@
-"""A gallery's vectors in a Milvus collection: the same small interface as :class:`cbir.index.backend.FaissBackend`.
-
-``--store milvus:URI`` keeps the vectors, ids, names and labels in a Milvus collection; cbir's manifest, features and
-learned state stay in the index folder, which holds a small pointer file (:data:`POINTER_FILE`: URI, collection, spec).
-
-* ``URI`` is a Milvus Lite database (a path ending in ``.db``, embedded in the process: ``milvus:./gallery.db``) or a
-  server (``milvus:http://host:19530``, ``https://``, ``tcp://``, ``unix:``). Credentials are never recorded: a server
-  that needs them reads ``$MILVUS_TOKEN`` (``user:password`` or an API key).
-* Float descriptors: a ``FLOAT_VECTOR`` field searched by inner product of L2-normalised vectors, exactly the scores of
-  FaissBackend's cosine index (``FLAT`` gives the same ranking as faiss flat). ``ivf`` / ``hnsw`` / ``sq8`` / ``pq``
-  map to IVF_FLAT, HNSW, IVF_SQ8 / HNSW_SQ and IVF_PQ; Hamming codes to ``BINARY_VECTOR`` with BIN_FLAT /
-  BIN_IVF_FLAT, scored ``1 - hamming / bits`` like FaissBackend.
-* Milvus Lite has no binary vectors and no product quantisation: ``hash`` (Hamming) and ``--codec pq`` are refused
-  there with a message naming the alternatives (those two mappings need a server: present, not testable here).
-  Lite is also limited to an exact flat scan: pymilvus 3 sends IVF/HNSW build parameters in a form milvus-lite 3.2
-  does not read (it would build 128 lists whatever ``--nlist`` says), so ``--ann ivf|hnsw`` / ``--codec sq8`` are
-  refused there too (measured: IVF with nprobe 16 found 36 % of the exact top 10). :func:`auto_store_spec` picks
-  what a store can take.
-  Milvus keeps descriptors as they are, so a PCA (``--dim`` below the descriptor's dimension) is refused everywhere,
-  as is ``float16`` (not mapped).
-* Milvus Lite (milvus-lite 3.x) runs inside the process that opens the ``.db`` folder and locks it: a second process
-  (a ``cbir query`` while ``cbir serve`` holds it) gets a :class:`CbirError` saying so; a server has no such limit.
-* At most :data:`MAX_TOPK` results per query (Milvus' own limit); ask for fewer (``--max-rank``) on larger galleries.
-
-pymilvus (and milvus-lite for ``.db`` URIs) are imported only when a Milvus store is used: ``pip install 'cbir[milvus]'``.
-"""
+"""The backend: a gallery's vectors, ids, names and labels in one Milvus collection, with the interface of
+:class:`cbir.index.backend.FaissBackend` (add, remove, search with exclusions and label filters, fetch, save a pointer)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import re
-import secrets
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ..errors import CbirError, IndexDamaged, IndexMismatch
-from .backend import SearchSpec
-from .faiss_index import check_queries, l2_normalise, search_sizes
-from .store import write_json_atomic
+from ...errors import CbirError, IndexDamaged, IndexMismatch
+from ..atomic import write_json_atomic
+from ..backend import SearchSpec
+from ..faiss_index import check_queries, l2_normalise, search_sizes
+from .connection import COLLECTION_NAME, collection_exists, connect, error_text, is_lite, quiet, require_pymilvus
+from .spec import check_spec, index_params
 
 #: the pointer file a Milvus-backed index folder holds instead of a faiss file
 POINTER_FILE = "milvus.json"
@@ -55,224 +29,7 @@ INSERT_BYTES = 16 << 20
 ID_CHUNK = 1000
 #: longest name / label stored (Milvus VARCHAR max_length)
 MAX_TEXT = 65535
-SERVER_SCHEMES = ("http", "https", "tcp")
-_INSTALL = "pip install 'cbir[milvus]'"
-_COLLECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _ID, _VEC, _NAME, _LABEL = "id", "vector", "name", "label"
-
-
-# ------------------------------------------------------------------------------- URIs
-
-
-def is_lite(uri: str) -> bool:
-    """A Milvus Lite database (a local ``.db`` path), as opposed to a server URI."""
-    return "://" not in uri and not uri.startswith("unix:")
-
-
-def _strip_credentials(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def parse_store(store: Optional[str], out: Optional[Union[str, os.PathLike]] = None) -> Tuple[str, Optional[str]]:
-    """``--store`` as ``(kind, uri)``: ``("faiss", None)`` for ``faiss`` (or nothing), ``("milvus", uri)`` for ``milvus:URI``.
-
-    A Milvus Lite path is made absolute (an index can be queried from any working directory), must end in ``.db``
-    (pymilvus' rule for local databases) and sit in an existing folder; with ``out`` (the index folder) it may not be
-    inside it, as a rebuild replaces that folder whole. Server URIs keep their scheme, host and port; user and
-    password are dropped from what is recorded (``$MILVUS_TOKEN`` supplies them).
-    """
-    if store is None or store == "" or store == "faiss":
-        return "faiss", None
-    kind, sep, rest = str(store).partition(":")
-    if kind != "milvus" or not sep:
-        raise CbirError(f"unknown --store {store!r}: use faiss (the default) or milvus:URI "
-                        "(milvus:./gallery.db for an embedded Milvus Lite file, milvus:http://host:19530 for a server)")
-    uri = rest.strip()
-    if not uri:
-        raise CbirError("--store milvus: needs a URI: milvus:./gallery.db (Milvus Lite) or milvus:http://host:19530 (a server)")
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0].lower()
-        if scheme not in SERVER_SCHEMES:
-            raise CbirError(f"--store {store!r}: unknown URI scheme {scheme!r}; a Milvus server is "
-                            f"{', '.join(s + '://host:port' for s in SERVER_SCHEMES)}, Milvus Lite a path ending in .db")
-        parts = urlsplit(uri)
-        if not parts.hostname:
-            raise CbirError(f"--store {store!r}: no host in the server URI (e.g. milvus:http://localhost:19530)")
-        return "milvus", _strip_credentials(uri)
-    if uri.startswith("unix:"):
-        return "milvus", uri
-    path = Path(os.path.abspath(os.path.expanduser(uri)))
-    if path.suffix != ".db":
-        raise CbirError(f"--store {store!r}: a Milvus Lite database is a path ending in .db (e.g. milvus:{path.with_suffix('.db')}); "
-                        "a server URI starts with http://")
-    if not path.parent.is_dir():
-        raise CbirError(f"--store {store!r}: folder {path.parent} does not exist (Milvus Lite creates {path.name} in it)")
-    if path.exists() and not path.is_dir():
-        raise CbirError(f"--store {store!r}: {path} exists and is not a Milvus Lite database (Milvus Lite keeps a folder there)")
-    if out is not None:
-        o = Path(os.path.abspath(out))
-        for folder in (o, o.with_name(o.name + ".partial")):
-            if path == folder or folder in path.parents:
-                raise CbirError(f"--store {store!r}: the Milvus Lite database may not be inside the index folder {o} "
-                                "(a rebuild replaces that folder whole); put it beside it")
-    return "milvus", str(path)
-
-
-def collection_name(out: Union[str, os.PathLike]) -> str:
-    """A fresh, valid collection name for the index folder ``out`` (``cbir_<folder>_<8 hex>``): a rebuild writes a new
-    collection and drops the old one only once the new index folder is in place."""
-    stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(os.path.abspath(out)).name)[:80] or "index"
-    return f"cbir_{stem}_{secrets.token_hex(4)}"
-
-
-# ------------------------------------------------------------------------------- pymilvus, quietly
-
-
-def milvus_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("pymilvus") is not None
-
-
-def _pymilvus():
-    try:
-        import pymilvus
-    except ImportError:
-        raise CbirError(f"--store milvus needs pymilvus, which is not installed: {_INSTALL}") from None
-    return pymilvus
-
-
-@contextlib.contextmanager
-def _quiet():
-    """pymilvus and milvus-lite log every failed call with a traceback; cbir turns them into one-line errors itself."""
-    loggers = [logging.getLogger(n) for n in ("pymilvus", "milvus_lite", "grpc")]  # grpc: Milvus Lite's in-process server
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
-def _lite_locked(path: str) -> bool:
-    """Whether another process holds Milvus Lite's lock on the database folder ``path``."""
-    import fcntl
-
-    lock = Path(path) / "LOCK"
-    if not lock.is_file():
-        return False
-    try:
-        with open(lock, "rb") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-    except OSError:
-        return False
-    return False
-
-
-def connect(uri: str, token: Optional[str] = None):
-    """A ``pymilvus.MilvusClient`` for ``uri`` (see :func:`parse_store`); errors are one-line :class:`CbirError`."""
-    pm = _pymilvus()
-    lite = is_lite(uri)
-    if lite:
-        try:
-            import milvus_lite  # noqa: F401
-        except ImportError:
-            raise CbirError(f"{uri}: a Milvus Lite database needs milvus-lite, which is not installed: {_INSTALL}") from None
-        if not Path(uri).parent.is_dir():
-            raise CbirError(f"{uri}: folder {Path(uri).parent} does not exist")
-    tok = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
-    try:
-        with _quiet():
-            return pm.MilvusClient(uri=uri, token=tok) if tok else pm.MilvusClient(uri=uri)
-    except Exception as e:  # noqa: BLE001 - pymilvus raises its own exception types, and grpc's
-        if lite and _lite_locked(uri):
-            raise CbirError(f"{uri}: this Milvus Lite database is open in another process (a running `cbir serve`?); "
-                            "Milvus Lite serves one process at a time: stop that process, or keep the vectors on a "
-                            "Milvus server (--store milvus:http://host:19530)") from None
-        what = "open the Milvus Lite database" if lite else "reach the Milvus server at"
-        raise CbirError(f"cannot {what} {uri}: {_msg(e)}") from None
-
-
-def _msg(e: Exception) -> str:
-    m = getattr(e, "message", None) or str(e)
-    return " ".join(str(m).split())[:500]
-
-
-# ------------------------------------------------------------------------------- spec -> Milvus index
-
-
-def check_spec(spec: SearchSpec, uri: str) -> None:
-    """Refuse, with the alternative named, what this Milvus (Lite or server) cannot store as ``spec`` asks."""
-    lite = is_lite(uri)
-    if spec.metric == "hamming" and lite:
-        raise CbirError("Milvus Lite has no binary vectors: a Hamming index (--extractor hash) needs a Milvus server "
-                        "(--store milvus:http://host:19530) or the faiss store (drop --store); float extractors work on Milvus Lite")
-    if spec.codec == "pq" and lite:
-        raise CbirError("Milvus Lite has no product quantisation (IVF_PQ): drop --codec pq (float32 or sq8 work on Milvus Lite), "
-                        "use a Milvus server (--store milvus:http://host:19530) or the faiss store (drop --store)")
-    if spec.codec == "float16":
-        raise CbirError("--codec float16 is not available with --store milvus: use float32 or sq8 (or the faiss store)")
-    if spec.dim and spec.dim < spec.dim_in:
-        raise CbirError(f"--store milvus keeps the {spec.dim_in}-d descriptors as they are: a PCA to --dim {spec.dim} is only "
-                        "available with the faiss store (drop --dim)")
-    if spec.ann == "hnsw" and spec.codec == "pq":
-        raise CbirError("--ann hnsw stores float32 or sq8 vectors; use --ann ivf or flat with --codec pq")
-    if lite and (spec.ann != "flat" or spec.codec != "float32"):
-        # pymilvus 3 sends index parameters (nlist, M, ...) flattened, milvus-lite 3.2 reads them from one JSON key: Lite
-        # would build its own defaults (IVF: 128 lists, whatever --nlist says) and search them with the recall of those
-        raise CbirError(f"Milvus Lite searches float32 vectors exactly (--ann flat): --ann {spec.ann} / --codec {spec.codec} "
-                        "would not get their parameters there; drop them, use a Milvus server (--store milvus:http://host:19530) "
-                        "or the faiss store")
-
-
-def auto_store_spec(metric: str, dim_in: int, n: int, uri: str, ann: str = "auto", codec: Optional[str] = None,
-                    code_bytes: Optional[int] = None, nlist: Optional[int] = None, memory_budget: Optional[float] = None,
-                    dim: Optional[int] = None) -> SearchSpec:
-    """What :func:`cbir.index.backend.auto_spec` chooses, for a Milvus store: never a PCA (Milvus keeps descriptors as
-    they are), and on Milvus Lite an exact flat scan unless something else is asked (then refused, naming why)."""
-    from .backend import auto_spec
-
-    if is_lite(uri) and ann in ("auto", "flat") and codec in (None, "float32") and not dim and not code_bytes:
-        spec = SearchSpec(metric=metric, dim_in=int(dim_in))
-    else:
-        spec = auto_spec(metric, int(dim_in), int(n), ann=ann, codec=codec, dim=dim or (int(dim_in) if metric == "cosine" else None),
-                         code_bytes=code_bytes, memory_budget=memory_budget, nlist=nlist)
-        if spec.dim == spec.dim_in:
-            spec.dim = None
-    check_spec(spec, uri)
-    return spec
-
-
-def index_params(spec: SearchSpec) -> Dict[str, Any]:
-    """``{"index_type", "metric_type", "params"}`` of the Milvus vector index for ``spec`` (see the module doc)."""
-    nlist = int(spec.nlist or 64) if spec.ann == "ivf" else 1
-    if spec.metric == "hamming":
-        if spec.ann == "ivf":
-            return {"index_type": "BIN_IVF_FLAT", "metric_type": "HAMMING", "params": {"nlist": nlist}}
-        return {"index_type": "BIN_FLAT", "metric_type": "HAMMING", "params": {}}
-    hnsw = {"M": int(spec.hnsw_m), "efConstruction": max(40, 2 * int(spec.hnsw_m))}
-    if spec.codec == "pq":
-        return {"index_type": "IVF_PQ", "metric_type": "IP", "params": {"nlist": nlist, "m": int(spec.code_bytes), "nbits": 8}}
-    if spec.codec == "sq8":
-        if spec.ann == "hnsw":
-            return {"index_type": "HNSW_SQ", "metric_type": "IP", "params": {**hnsw, "sq_type": "SQ8"}}
-        return {"index_type": "IVF_SQ8", "metric_type": "IP", "params": {"nlist": nlist}}  # flat sq8: one list, scanned whole
-    if spec.ann == "ivf":
-        return {"index_type": "IVF_FLAT", "metric_type": "IP", "params": {"nlist": nlist}}
-    if spec.ann == "hnsw":
-        return {"index_type": "HNSW", "metric_type": "IP", "params": hnsw}
-    return {"index_type": "FLAT", "metric_type": "IP", "params": {}}
 
 
 def _hits_arrays(hits) -> Tuple[np.ndarray, np.ndarray]:
@@ -300,9 +57,6 @@ def _text(values: Optional[Sequence[Any]], n: int, what: str) -> List[str]:
     return out
 
 
-# ------------------------------------------------------------------------------- the backend
-
-
 class MilvusBackend:
     """A gallery's search structure in a Milvus collection; ids are int64 image ids (the primary key).
 
@@ -313,7 +67,7 @@ class MilvusBackend:
     def __init__(self, spec: SearchSpec, uri: str, collection: str, overwrite: bool = False, token: Optional[str] = None,
                  _client=None, _create: bool = True) -> None:
         check_spec(spec, uri)
-        if not _COLLECTION.match(collection or ""):
+        if not COLLECTION_NAME.match(collection or ""):
             raise CbirError(f"invalid Milvus collection name {collection!r}: letters, digits and _, starting with a letter or _")
         self.spec = spec
         self.uri = uri
@@ -334,8 +88,8 @@ class MilvusBackend:
     def attach(cls, spec: SearchSpec, uri: str, collection: str, token: Optional[str] = None) -> "MilvusBackend":
         """An existing collection (its vector field checked against ``spec``)."""
         client = connect(uri, token)
-        if not cls._exists(client, collection, uri):
-            with contextlib.suppress(Exception), _quiet():
+        if not collection_exists(client, collection, uri):
+            with contextlib.suppress(Exception), quiet():
                 client.close()
             raise CbirError(f"{uri}: no Milvus collection {collection!r} (dropped, or another database?); rebuild the index")
         b = cls(spec, uri, collection, token=token, _client=client, _create=False)
@@ -362,27 +116,19 @@ class MilvusBackend:
         b = cls.attach(spec if spec is not None else recorded, uri, coll, token=token)
         return b
 
-    @staticmethod
-    def _exists(client, collection: str, uri: str) -> bool:
-        try:
-            with _quiet():
-                return bool(client.has_collection(collection))
-        except Exception as e:  # noqa: BLE001
-            raise CbirError(f"{uri}: cannot list Milvus collections: {_msg(e)}") from None
-
     def _call(self, what: str, fn, *args, **kwargs):
         try:
-            with _quiet():
+            with quiet():
                 return fn(*args, **kwargs)
         except CbirError:
             raise
         except Exception as e:  # noqa: BLE001 - pymilvus / grpc errors, one line with the collection named
-            raise CbirError(f"Milvus {what} failed on {self.uri} (collection {self.collection}): {_msg(e)}") from None
+            raise CbirError(f"Milvus {what} failed on {self.uri} (collection {self.collection}): {error_text(e)}") from None
 
     def _create(self, overwrite: bool) -> None:
-        pm = _pymilvus()
+        pm = require_pymilvus()
         c = self._client
-        if self._exists(c, self.collection, self.uri):
+        if collection_exists(c, self.collection, self.uri):
             if not overwrite:
                 raise CbirError(f"{self.uri}: a Milvus collection {self.collection!r} exists already (pass overwrite to replace it)")
             self._call("drop_collection", c.drop_collection, self.collection)
@@ -405,11 +151,11 @@ class MilvusBackend:
 
     def _load(self) -> None:
         try:
-            with _quiet():
+            with quiet():
                 self._client.load_collection(self.collection)
         except Exception as e:  # noqa: BLE001 - a server that cannot load it (memory) says why
             if not self.lite:
-                raise CbirError(f"Milvus cannot load collection {self.collection} on {self.uri}: {_msg(e)}") from None
+                raise CbirError(f"Milvus cannot load collection {self.collection} on {self.uri}: {error_text(e)}") from None
 
     def _check_schema(self) -> None:
         info = self._call("describe_collection", self._client.describe_collection, self.collection)
@@ -570,7 +316,7 @@ class MilvusBackend:
                     break
                 out += [int(r[_ID]) for r in batch]
         finally:
-            with contextlib.suppress(Exception), _quiet():
+            with contextlib.suppress(Exception), quiet():
                 it.close()
         return np.asarray(sorted(out), np.int64)
 
@@ -605,7 +351,7 @@ class MilvusBackend:
 
     def flush(self) -> None:
         """Seal what was inserted (durable on a server; Milvus Lite writes its WAL already)."""
-        with contextlib.suppress(Exception), _quiet():
+        with contextlib.suppress(Exception), quiet():
             self._client.flush(self.collection)
 
     def record(self) -> Dict[str, Any]:
@@ -628,12 +374,12 @@ class MilvusBackend:
 
     def drop(self) -> None:
         """Delete the collection (a replaced or abandoned build's)."""
-        if self._exists(self._client, self.collection, self.uri):
+        if collection_exists(self._client, self.collection, self.uri):
             self._call("drop_collection", self._client.drop_collection, self.collection)
         self._count = 0
 
     def close(self) -> None:
-        with contextlib.suppress(Exception), _quiet():
+        with contextlib.suppress(Exception), quiet():
             self._client.close()
 
     def __enter__(self) -> "MilvusBackend":
@@ -641,33 +387,3 @@ class MilvusBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def drop_collection(uri: str, collection: str, token: Optional[str] = None) -> bool:
-    """Drop ``collection`` at ``uri`` if it exists (True when it did): an old build's, once its replacement is in place."""
-    c = connect(uri, token)
-    try:
-        if MilvusBackend._exists(c, collection, uri):
-            with _quiet():
-                c.drop_collection(collection)
-            return True
-        return False
-    finally:
-        with contextlib.suppress(Exception), _quiet():
-            c.close()
-
-
-def release_lite(uri: str) -> None:
-    """Stop this process' embedded Milvus Lite server for ``uri`` and release its lock (else held until exit)."""
-    if not is_lite(uri):
-        return
-    try:
-        from milvus_lite.server_manager import server_manager_instance
-    except ImportError:
-        return
-    with _quiet():
-        server_manager_instance.release_server(uri)
-
-
-__all__ = ["MilvusBackend", "parse_store", "collection_name", "check_spec", "auto_store_spec", "index_params", "connect", "drop_collection",
-           "release_lite", "milvus_available", "is_lite", "POINTER_FILE", "MAX_TOPK"]
