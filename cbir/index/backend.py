@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import CbirError
-from .faiss_index import _Base, l2_normalise
+from .faiss_index import FaissSearch, l2_normalise
 from .atomic import write_faiss
 
 CODECS = ("float32", "float16", "sq8", "pq")
@@ -146,7 +146,7 @@ def auto_spec(metric: str, dim_in: int, n: int, ann: str = "auto", codec: Option
                       code_bytes=code_bytes, ann=ann, nlist=nlist)
 
 
-class FaissBackend(_Base):
+class FaissBackend(FaissSearch):
     """A gallery's search structure (see the module doc); ids are int64 image ids."""
 
     def __init__(self, spec: SearchSpec, index=None) -> None:

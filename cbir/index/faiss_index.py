@@ -53,7 +53,9 @@ def search_sizes(k: int, n: int, exclude) -> Tuple[int, int]:
     return k, min(n, k + (1 if exclude is not None else 0))
 
 
-class _Base:
+class FaissSearch:
+    """What the faiss-backed searches share (:class:`CosineIndex`, :class:`HammingIndex`, :class:`~cbir.index.backend.FaissBackend`)."""
+
     metric = ""
 
     def __init__(self, index, dim: int) -> None:
@@ -103,7 +105,7 @@ class _Base:
         return out_s, out_i
 
 
-class CosineIndex(_Base):
+class CosineIndex(FaissSearch):
     """Inner product on L2-normalised float32 vectors (faiss IndexFlatIP, or HNSW with ``ann='hnsw'``)."""
 
     metric = "cosine"
@@ -140,7 +142,7 @@ class CosineIndex(_Base):
         return cls(index.d, ann=ann, index=index)
 
 
-class HammingIndex(_Base):
+class HammingIndex(FaissSearch):
     """Hamming distance on packed binary codes (faiss IndexBinaryFlat); ``bits`` must be a multiple of 8."""
 
     metric = "hamming"
