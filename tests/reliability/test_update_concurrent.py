@@ -134,8 +134,10 @@ def _updater(idx, seconds):
 
 @pytest.mark.parametrize("idx", sorted(EXTRACTORS), indirect=True)
 def test_queries_while_updates_replace_the_folder(idx):
-    """library queries (colour with a k-NN graph; hash with learned state) (open + query, in a loop for 8 s) while a child removes / adds back / compacts the index over and
-    over -> every answer from one whole version (12 or 9 images, each size always with the same ranking), no error"""
+    """library open + query in a loop while a child removes / adds back / compacts the index -> one version each, no error
+
+    8 s of queries; colour has a k-NN graph (knn.h5, read at query time), hash learned state (extractor.h5). Every
+    answer comes from one whole version: 12 or 9 images, each size always with the same ranking."""
     out, gallery, _ = idx
     query = gallery / "im5.jpg"
     proc = _updater(idx, 8)
@@ -157,8 +159,9 @@ def test_queries_while_updates_replace_the_folder(idx):
 
 
 def test_cli_queries_while_updates_replace_the_folder(idx):
-    """`cbir query --json` (3 processes, one after another) while a child removes / adds back / compacts the index ->
-    each rc 0 with 12 or 9 results, no error line"""
+    """`cbir query --json` x3 while a child removes / adds back / compacts the index -> each rc 0, 12 or 9 results
+
+    Three query processes one after another, no error line from any."""
     out, gallery, _ = idx
     proc = _updater(idx, 60)
     counts = []
