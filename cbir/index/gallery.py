@@ -26,10 +26,6 @@ PathLike = Union[str, os.PathLike]
 OPEN_TRIES = 5
 
 
-class _Replaced(Exception):
-    """The folder was replaced by an update while it was being opened: open it again."""
-
-
 def _stamp(folder: Path) -> Optional[Tuple[int, int, int]]:
     """What tells one version of an index folder from the next: its manifest file's inode, mtime and size."""
     try:
@@ -75,13 +71,14 @@ class Gallery:
             before = _stamp(self.folder)
             try:
                 self._open(verify, mmap)
-                if _stamp(self.folder) != before:
-                    raise _Replaced()
-                return
-            except (CbirError, _Replaced):
+            except CbirError:
                 self._release()
                 if attempt + 1 == OPEN_TRIES or _stamp(self.folder) == before:
-                    raise
+                    raise  # damage, not a replacement
+                continue
+            if _stamp(self.folder) == before:
+                return
+            self._release()  # replaced while it was read: what was read may mix two versions
         raise CbirError(f"{self.folder}: replaced by updates {OPEN_TRIES} times while it was being opened; try again")
 
     def _open(self, verify: bool, mmap: bool) -> None:
