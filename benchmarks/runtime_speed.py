@@ -23,15 +23,18 @@ Measured, for each:
    faster than torch.
 2. ``build_images_per_s``: ``build_index`` of the same photos (decoding, both scales, features, faiss, k-NN graph),
    best of ``--build-repeats``, alternated the same way (the variants of :data:`QUALITY_VARIANTS`).
-3. Quality: every variant of :data:`QUALITY_VARIANTS` builds the default index of corel1k (1,000 photos) and
-   ukbench56 (56) in process (``build_index``, what ``cbir index build --dataset`` runs) and is evaluated with ``cbir.eval.evaluate`` (what
-   ``cbir eval`` runs: leave-one-out, the index's graph stage): P@10 and mAP, N-S on ukbench56; and the cosine of
-   every image's descriptor against torch's (min / mean over both collections). ``onnx-fp32`` runs cbir's own
+3. Quality: every variant of :data:`QUALITY_VARIANTS` builds the default index of each of ``--collections`` (default:
+   the suite's labelled collections corel1k 1,000 photos, ukbench56 56, boofcv24 24, caltech101_objects 2,400,
+   paris6k_subset 195; not the Paris gnd protocol) in process (``build_index``, what ``cbir index build --dataset``
+   runs) and is evaluated with ``cbir.eval.evaluate`` (what ``cbir eval`` runs: leave-one-out, the index's graph
+   stage): P@10 and mAP, N-S on ukbench56; and the cosine of every image's descriptor against torch's (min / mean
+   over all the collections and per collection). ``onnx-fp32`` runs cbir's own
    ``--runtime onnx`` path; the other onnx variants run the same code around their own session (checked here to
    give cbir's bytes with cbir's session).
 
     python benchmarks/runtime_speed.py [--time-images 128] [--repeats 4] [--build-repeats 2] [--calib-images 64]
-                                       [--skip-quality] [--json benchmarks/results/runtime_speed.json]
+                                       [--collections corel1k ukbench56 ...] [--skip-quality]
+                                       [--json benchmarks/results/runtime_speed.json]
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ QUALITY_BAR = 0.003
 #: the variants whose descriptors are built and evaluated: ``onnx-fp32 spin`` runs onnx-fp32's optimised graph (the
 #: same numbers: spinning changes when threads sleep, not what they compute); ``extended`` and ``s8s8`` (u8s8's
 #: MinMax ranges in int8 activations, slower than u8s8 in every run here) are only timed
+#: the suite's collections evaluated leave-one-out by label (benchmarks/suite.py; its paris6k_protocol is not here)
+COLLECTIONS = ("corel1k", "ukbench56", "boofcv24", "caltech101_objects", "paris6k_subset")
 QUALITY_VARIANTS = ("torch", "onnx-fp32", "onnx-int8 u8s8", "onnx-int8 u8s8 pct99.99")
 
 
@@ -162,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--build-repeats", type=int, default=2, help="timings of each build, alternated; best kept (0: none; default 2)")
     ap.add_argument("--calib-images", type=int, default=64, help="gallery images the int8 ranges are calibrated on (default 64)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads and onnxruntime intra-op threads (default 2)")
+    ap.add_argument("--collections", nargs="+", default=list(COLLECTIONS), metavar="NAME",
+                    help=f"datasets the quality is measured on (default: {' '.join(COLLECTIONS)})")
     ap.add_argument("--skip-quality", action="store_true", help="timings only (no corel1k / ukbench56 builds)")
     ap.add_argument("--json", default=str(HERE / "results" / "runtime_speed.json"), help="where the results go")
     args = ap.parse_args(argv)
@@ -300,7 +307,7 @@ def main(argv=None) -> int:
         if not args.skip_quality:
             out["quality"] = {"collections": {}}
             descs = {}
-            for ds in ("corel1k", "ukbench56"):
+            for ds in args.collections:
                 entries = load_dataset(ds).gallery
                 out["quality"]["collections"][ds] = len(entries)
                 for k, e in exts.items():
@@ -323,14 +330,16 @@ def main(argv=None) -> int:
                     print(f"quality {ds} {k:20s} {q}", flush=True)
                     shutil.rmtree(folder, ignore_errors=True)
             for k in QUALITY_VARIANTS:
-                cos = []
+                cos, per = [], {}
                 for ds in descs["torch"]:
                     a, b = descs["torch"][ds], descs[k][ds]
                     names = sorted(set(a) & set(b))
                     A = np.stack([a[n] for n in names]); B = np.stack([b[n] for n in names])
                     cos.append(np.sum(A * B, 1) / (np.linalg.norm(A, axis=1) * np.linalg.norm(B, axis=1)))
+                    per[ds] = {"min": round(float(cos[-1].min()), 6), "mean": round(float(cos[-1].mean()), 6)}
                 cos = np.concatenate(cos)
-                rows[k]["cosine_vs_torch"] = {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6), "n": int(len(cos))}
+                rows[k]["cosine_vs_torch"] = {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6), "n": int(len(cos)),
+                                              "per_collection": per}
                 d = {ds: {m: round(rows[k]["quality"][ds][m] - rows["torch"]["quality"][ds][m], 4)
                           for m in ("p@10", "map", "ns_score") if m in rows[k]["quality"][ds]} for ds in descs["torch"]}
                 rows[k]["delta_vs_torch"] = d
