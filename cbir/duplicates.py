@@ -109,7 +109,7 @@ def content_hashes(folder: Optional[PathLike], names: Sequence[str], paths: Sequ
     """SHA-256 of each gallery file: from the index's content.h5 when the file's size and mtime are those recorded,
     else read now (None for a file that cannot be read)."""
     from .data import file_stat
-    from .index.store import file_sha256
+    from .index.verify import file_sha256
 
     recorded = {}
     if folder is not None:

@@ -18,7 +18,8 @@ from .build import FINAL_CHUNK_BYTES, LOCAL_DEFAULTS, BuildReport, build_index, 
 from .data import dedupe  # noqa: F401
 from .eval.evaluate import evaluate  # noqa: F401
 from .extractors.train import train_head  # noqa: F401
-from .index.store import STATE_FILE, load_state_file, save_state  # noqa: F401
+from .index.manifest import STATE_FILE  # noqa: F401
+from .index.rows import load_state_file, save_state  # noqa: F401
 from .query import Index, load_index, verify_index  # noqa: F401
 from .update import UpdateReport, add_images, compact_index, remove_images  # noqa: F401
 

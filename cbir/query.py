@@ -88,7 +88,7 @@ class Index(Gallery):
             except CbirError as e:
                 raise CbirError(f"{self.folder / store.MANIFEST}: its extractor cannot be made here ({e})") from None
             if ident.get("state") is not None or (self.folder / store.STATE_FILE).exists():
-                arrays = store.open_checked(self.folder, store.STATE_FILE, m, store.load_state_file, self._verify)
+                arrays = self.open_file(store.STATE_FILE, store.load_state_file)  # the version opened, even if replaced since
                 try:
                     ext.load_state(arrays)
                 except (CbirError, KeyError, ValueError) as e:

@@ -43,7 +43,7 @@ def cmd_duplicates(a) -> int:
         if a.json == "-":
             print(text)
             return 0
-        from ..index.store import write_json_atomic
+        from ..index.atomic import write_json_atomic
 
         write_json_atomic(rep, a.json)
         print(f"json written to {tty_safe(a.json)}", file=sys.stderr)

@@ -29,7 +29,7 @@ def cmd_eval(a) -> int:
                    workers=a.workers, plot=a.plot, expand=expand_conf_from_args(a), labels=a.labels)
     print_eval(rep, a.k)
     if a.json:
-        from ..index.store import write_json_atomic
+        from ..index.atomic import write_json_atomic
 
         json.dumps(rep, allow_nan=False)  # the report is strict JSON (undefined metrics are null): fail here, not in a reader
         write_json_atomic(rep, a.json)
@@ -66,7 +66,7 @@ def _cmd_gnd(a, idx) -> int:
     print(f"  seconds: queries extracted {sec['extract_queries']}, search {sec['search']} ({sec['search_ms_per_query']} ms/query)"
           + (f", rerank {sec['rerank']} ({sec['rerank_s_per_query']} s/query)" if "rerank" in sec else ""))
     if a.json:
-        from ..index.store import write_json_atomic
+        from ..index.atomic import write_json_atomic
 
         json.dumps(rep, allow_nan=False)
         write_json_atomic(rep, a.json)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..data import Entry, batches, dedupe, iter_decoded
 from ..errors import CbirError
-from ..index.store import now_iso
+from ..index.manifest import now_iso
 from ..progress import bar as _progress, log as _log
 from .base import make_extractor
 
