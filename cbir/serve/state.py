@@ -79,16 +79,26 @@ def _stamp(folder: Path) -> Optional[Tuple[int, tuple]]:
     """Identity of the folder (inode) and of every file in it now (name, inode, mtime, size); None while the manifest is
     missing (mid-swap). A rebuild or an update replaces the folder (another inode); files copied over it in place keep the
     folder's inode but change the files' stamps."""
+    # one open folder for the inode and the listing: by path, a swap between the two would pair the old folder's inode
+    # with the new folder's files, which reads as files changed in place
     try:
-        fst = os.stat(folder)
-        os.stat(folder / MANIFEST)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        fst = os.fstat(fd)
+        os.stat(MANIFEST, dir_fd=fd)
         files = []
-        for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
             with contextlib.suppress(FileNotFoundError):
                 st = e.stat(follow_symlinks=False)
                 files.append((e.name, int(st.st_ino), int(st.st_mtime_ns), int(st.st_size)))
     except OSError:
         return None
+    finally:
+        os.close(fd)
     return (int(fst.st_ino), tuple(files))
 
 
