@@ -105,23 +105,9 @@ def _session(path, threads: int, level: str = "all", spinning: bool = False):
 
 def _ort_extract(ext, sess, images):
     """cbir.export.runtime.pooled_extract with the session ``sess`` (the same code around the graph)."""
-    import torch
-    import torch.nn.functional as F
+    from cbir.export.runtime import pooled_with
 
-    from cbir.extractors.batching import images_to_batches, resize_to
-    from cbir.vectors import l2n
-
-    out = np.zeros((len(images), ext.raw_dim), np.float32)
-    images = resize_to(images, ext.conf.get("input_size") or getattr(ext.net, "input_size", None))
-    with torch.inference_mode():
-        for idx, batch in images_to_batches(images):
-            acc = 0
-            for s in ext.conf["scales"]:
-                b = batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False, antialias=s < 1)
-                for v in ([b, b.flip(-1)] if ext.conf["flip"] else [b]):
-                    acc = acc + sess.run(None, {"image": np.ascontiguousarray(v.numpy())})[0]
-            out[idx] = l2n(acc)
-    return out
+    return pooled_with(ext, images, lambda v: sess.run(None, {"image": np.ascontiguousarray(v.numpy())})[0])
 
 
 def _quantize(pre_path, out_path, calib_tensors, activation: str = "u8", percentile: float = 0.0):

@@ -100,16 +100,23 @@ def cached_session(identity: Dict[str, Any], make_spec: Callable[[], Any]) -> Se
 
 def pooled_extract(ext, images: List[np.ndarray]) -> np.ndarray:
     """``PooledExtractor.extract`` with the descriptor graph in onnxruntime (scales and flips as in torch)."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..vectors import l2n
-    from ..extractors.batching import images_to_batches, resize_to
     from .models.pooled import pooled_identity, pooled_spec
 
     if ext.conf.get("weighting"):
         raise CbirError("pooled: foreground weighting (class maps) runs in torch only; drop --runtime onnx")
     sess = cached_session(pooled_identity(ext), lambda: pooled_spec(ext))
+    return pooled_with(ext, images, lambda v: sess.run({"image": v})[0])
+
+
+def pooled_with(ext, images: List[np.ndarray], forward: Callable) -> np.ndarray:
+    """The pooled extractor's code around its graph (resize, batches, scales, flips, sum, L2) with ``forward`` (a float
+    ``(B, 3, H, W)`` tensor -> ``(B, D)`` array) as the graph."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..vectors import l2n
+    from ..extractors.batching import images_to_batches, resize_to
+
     out = np.zeros((len(images), getattr(ext, "raw_dim", ext.dim)), np.float32)
     images = resize_to(images, ext.conf.get("input_size") or getattr(ext.net, "input_size", None))
     with torch.inference_mode():
@@ -118,7 +125,7 @@ def pooled_extract(ext, images: List[np.ndarray]) -> np.ndarray:
             for s in ext.conf["scales"]:
                 b = batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False, antialias=s < 1)
                 for v in ([b, b.flip(-1)] if ext.conf["flip"] else [b]):
-                    acc = acc + sess.run({"image": v})[0]
+                    acc = acc + forward(v)
             out[idx] = l2n(acc)
     return out
 

@@ -340,12 +340,32 @@ def test_bad_numbers_in_search_parameters(ro, param):
             assert status == 422 and param in msg, (param, v, status, msg)
 
 
+def _search_while_alive(srv, threads):
+    """Search with a normal client every 0.2 s while any of ``threads`` runs (at most 200 times); the statuses seen."""
+    import httpx
+
+    served = []
+    while any(t.is_alive() for t in threads) and len(served) < 200:
+        r = httpx.post(f"{srv.url}/search?top_k=2", files={"image": ("q.jpg", query_bytes(1), "image/jpeg")}, timeout=60)
+        served.append(r.status_code)
+        time.sleep(0.2)
+    for t in threads:
+        t.join(timeout=70)
+    return served
+
+
+def _assert_cut_by_deadline(answers, timeout_s):
+    """Each slow connection got a 408 JSON, cut by the server's request time limit, not by the client giving up."""
+    for k, (took, data) in sorted(answers.items()):
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["status"] == 408, (k, data[:200])
+        assert timeout_s * 0.9 <= took <= 2 * timeout_s + 5, (k, took)
+
+
 def test_slow_bodies(ro_slow):
     """slowloris: 12 uploads trickling their bodies a byte every 0.3 s, while another client searches -> each slow one 408 JSON by the request time limit (--timeout 5 here; 60 s, a minute, by default), every other search 200"""
     import socket
     import threading
-
-    import httpx
 
     srv, timeout_s = ro_slow
     socks, answers = [], {}
@@ -379,30 +399,20 @@ def test_slow_bodies(ro_slow):
     threads = [threading.Thread(target=trickle, args=(k, s), daemon=True) for k, s in enumerate(socks)]
     for t in threads:
         t.start()
-    served = []
     try:
-        while any(t.is_alive() for t in threads) and len(served) < 200:
-            r = httpx.post(f"{srv.url}/search?top_k=2", files={"image": ("q.jpg", query_bytes(1), "image/jpeg")}, timeout=60)
-            served.append(r.status_code)
-            time.sleep(0.2)
-        for t in threads:
-            t.join(timeout=70)
+        served = _search_while_alive(srv, threads)
     finally:
         for s in socks:
             s.close()
     assert served and set(served) == {200}, served
-    for k, (took, data) in sorted(answers.items()):
-        body = data.partition(b"\r\n\r\n")[2]
-        assert data.startswith(b"HTTP/1.1 408") and json.loads(body)["status"] == 408, (k, data[:200])
-        assert timeout_s * 0.9 <= took <= 2 * timeout_s + 5, (k, took)  # cut by the deadline, not by the client giving up
+    assert len(answers) == 12
+    _assert_cut_by_deadline(answers, timeout_s)
 
 
 def test_slow_headers(ro_slow):
     """slowloris on the headers: 12 connections sending a header byte every 0.3 s (and one sending nothing), while another client searches -> each 408 JSON and closed by the request time limit (--timeout 5 here; a minute by default), every other search 200"""
     import socket
     import threading
-
-    import httpx
 
     srv, timeout_s = ro_slow
     answers = {}
@@ -430,19 +440,10 @@ def test_slow_headers(ro_slow):
     threads = [threading.Thread(target=trickle, args=(k,), daemon=True) for k in range(13)]
     for t in threads:
         t.start()
-    served = []
-    while any(t.is_alive() for t in threads) and len(served) < 200:
-        r = httpx.post(f"{srv.url}/search?top_k=2", files={"image": ("q.jpg", query_bytes(1), "image/jpeg")}, timeout=60)
-        served.append(r.status_code)
-        time.sleep(0.2)
-    for t in threads:
-        t.join(timeout=70)
+    served = _search_while_alive(srv, threads)
     assert served and set(served) == {200}, served
     assert len(answers) == 13
-    for k, (took, data) in sorted(answers.items()):
-        head, _, body = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["status"] == 408, (k, data[:200])
-        assert timeout_s * 0.9 <= took <= 2 * timeout_s + 5, (k, took)
+    _assert_cut_by_deadline(answers, timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------- who may ask
