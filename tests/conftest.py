@@ -121,3 +121,12 @@ def small_set(tmp_path):
             lines.append(f"{name}\tgroup{g}")
     (d / "list.txt").write_text("\n".join(lines) + "\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    """The demo set's images (12 photos x 9 copies), generated once per session into its tmp folder: a fresh clone
+    has no indexes/_datasets/demo, and no test reads what `make demo` left there."""
+    from cbir.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo").parent / "images"

@@ -22,7 +22,6 @@ from cbir.index import milvus as mv  # noqa: E402
 from cbir.index.backend import FaissBackend, SearchSpec  # noqa: E402
 from cbir.index.milvus import MilvusBackend, parse_store  # noqa: E402
 
-DEMO = REPO / "indexes" / "_datasets" / "demo" / "images"
 
 
 @pytest.fixture()
@@ -104,15 +103,13 @@ def test_add_search_remove_ids_save_open(uri, tmp_path):
     b2.close()
 
 
-def test_rankings_equal_faiss_on_real_descriptors(uri):
+def test_rankings_equal_faiss_on_real_descriptors(uri, demo_images):
     """Colour histograms of the demo images (ties and near-ties included): the whole leave-one-out ranking is faiss'."""
-    if not DEMO.is_dir():
-        pytest.skip(f"{DEMO} not present (make demo generates it)")
     from cbir.data import iter_decoded, Entry
     from cbir.extractors.base import make_extractor
 
     ext = make_extractor("colour", {})
-    entries = [Entry(p.name, p) for p in sorted(DEMO.glob("*.jpg"))]
+    entries = [Entry(p.name, p) for p in sorted(demo_images.glob("*.jpg"))]
     x = ext.post(ext.extract([img for _, _, img in iter_decoded(entries, ext.max_side)]))
     ids = np.arange(len(x), dtype=np.int64)
     b = MilvusBackend(SearchSpec(metric="cosine", dim_in=x.shape[1]), uri, "demo_colour")
