@@ -3,8 +3,8 @@ synthetic descriptors that behave like real ones.
 
     python benchmarks/scale.py --n 200000 --json benchmarks/results/scale.json [--queries 1000] [--settings ...]
 
-Data model: the real default-extractor (``fused``, 1536-d unit) descriptors of corel1k + ukbench56 (1056 images) are
-the seeds; each synthetic vector is ``normalise(seed + s * noise)`` with ``noise`` Gaussian with the real set's
+Data model: the real default-extractor descriptors (today ImageNet MobileNetV2 average-pooled at two scales,
+1280-d unit vectors; the dimension is read from them) of corel1k + ukbench56 (1056 images) are the seeds; each synthetic vector is ``normalise(seed + s * noise)`` with ``noise`` Gaussian with the real set's
 covariance (a random combination of the centred real descriptors: variation lies where real descriptors vary, not
 isotropically in 1536-d). ``s`` is set so that the median cosine between a synthetic vector and its seed equals the
 median nearest-neighbour cosine of the real set (0.86); the JSON records how often a synthetic vector's nearest real
@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SOURCES = ("corel1k", "ukbench56")
-DIM = 1536
 CHUNK = 25_000
 K = 10
 
@@ -71,22 +70,20 @@ def _faiss(threads: int):
 
 
 def real_descriptors() -> np.ndarray:
+    from cbir.data import load_dataset
     from cbir.engine import Index, build_index
-    from cbir.extractors import make_extractor
+    from cbir.extractors import configure, make_extractor
 
-    key = make_extractor("fused", {}).key()
+    key = make_extractor(*configure(None)).key()  # the default pipeline's descriptor
     out = []
     for name in SOURCES:
-        folder = ROOT / "indexes" / "bench" / name / "fused"
+        folder = ROOT / "indexes" / "bench" / "scale-src" / name
         try:
             idx = Index(folder)
             ok = idx.manifest["extractor"]["key"] == key
         except Exception:
             ok = False
-        if not ok:  # not built, or built by another extractor than today's default
-            from cbir.data import load_dataset
-
-            folder = ROOT / "indexes" / "bench" / "scale-src" / name
+        if not ok:  # not built yet (resumes an interrupted build), or built by an earlier default
             build_index(load_dataset(name).gallery, str(folder))
             idx = Index(folder)
         out.append(np.asarray(idx.descriptors, np.float32))
@@ -164,17 +161,17 @@ def recall(found: np.ndarray, truth: np.ndarray) -> Dict[str, float]:
     return {"recall_at_1": float(np.mean(found[:, 0] == truth[:, 0])), "recall_at_10": float(r10)}
 
 
-def make_spec(name: str, n: int):
+def make_spec(name: str, n: int, dim: int):
     from cbir.index.backend import SearchSpec, auto_spec
 
     conf = SETTINGS[name]
     if "spec" in conf:
-        return SearchSpec(metric="cosine", dim_in=DIM, **conf["spec"])
+        return SearchSpec(metric="cosine", dim_in=dim, **conf["spec"])
     kw = dict(conf["auto"])
     per = kw.pop("memory_budget_per_image", None)
     if per:
         kw["memory_budget"] = per * n
-    return auto_spec("cosine", DIM, n, **kw)
+    return auto_spec("cosine", dim, n, **kw)
 
 
 def run_setting(name: str, n: int, scale: float, qfile: str, timing_q: int, threads: int) -> List[dict]:
@@ -186,7 +183,7 @@ def run_setting(name: str, n: int, scale: float, qfile: str, timing_q: int, thre
     gen = Generator(real, scale)
     data = np.load(qfile)
     queries, truth = data["queries"], data["truth"]
-    spec = make_spec(name, n)
+    spec = make_spec(name, n, real.shape[1])
     b = FaissBackend(spec)
     t0 = time.perf_counter()
     train_s = 0.0
@@ -274,13 +271,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             table.extend(json.loads(Path(out).read_text()))
             print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+    failed = [r["setting"] for r in table if "error" in r]
+    if "flat-f32" in failed or all(r["setting"] in failed for r in table if r["setting"].split()[0] == "auto"):
+        print(f"scale.py: the setting(s) {', '.join(failed)} failed (their error is printed above); no results written", file=sys.stderr)
+        return 1
     flat = next(r for r in table if r["setting"] == "flat-f32")
     from cbir.index.backend import auto_spec
 
-    nprobe = a.default_nprobe or auto_spec("cosine", DIM, a.n).nprobe
+    nprobe = a.default_nprobe or auto_spec("cosine", real.shape[1], a.n).nprobe
     auto_rows = [r for r in table if r["setting"].split()[0] == "auto" and "error" not in r]
     head = next((r for r in auto_rows if r["spec"].get("nprobe") == nprobe), auto_rows[0] if auto_rows else flat)
-    res = {"n": a.n, "dim": DIM, "queries": a.queries, "k": K, "threads": a.threads, "setting": head["setting"],
+    res = {"n": a.n, "dim": int(real.shape[1]), "queries": a.queries, "k": K, "threads": a.threads, "setting": head["setting"],
            "factory": head["factory"], "bytes_per_image": head["bytes_per_image"], "recall_at_1": head["recall_at_1"],
            "recall_at_10": head["recall_at_10"], "ms_per_query": head["ms_per_query_p50"], "ms_per_query_p99": head["ms_per_query_p99"],
            "ms_per_query_batched": head["ms_per_query_batched"], "build_s": head["build_s"], "peak_rss_mb": head["peak_rss_mb"],
