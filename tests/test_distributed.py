@@ -26,7 +26,6 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cbir
 from cbir.distributed import RaySession, RayWorker, local_rows, ray_available, ray_rows  # noqa: E402
 from cbir.extractors.base import make_extractor  # noqa: E402
 
-DEMO = REPO / "indexes" / "_datasets" / "demo" / "images"
 
 
 def _free_port() -> int:
@@ -144,12 +143,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def demo_entries():
-    if not DEMO.is_dir():
-        pytest.skip(f"{DEMO} not present (make demo generates it)")
-    imgs = sorted(DEMO.glob("*.jpg"))[:18]
-    if len(imgs) < 18:
-        pytest.skip("fewer than 18 demo images")
+def demo_entries(demo_images):
+    imgs = sorted(demo_images.glob("*.jpg"))[:18]
+    assert len(imgs) == 18, f"the demo set has {len(imgs)} images in {demo_images}"
     return [Entry(p.name, p, p.name.split("_")[0]) for p in imgs]
 
 
