@@ -17,7 +17,7 @@ its network forward run these ways:
 Measured, for each:
 
 1. ``forward_images_per_s``: the descriptor forward (network + pooling + L2, what the ONNX graph holds) over the
-   build's batches of ``--time-images`` corel1k photos (``shape_batches`` of 16, ``images_to_batches``, both scales:
+   build's batches of ``--time-images`` corel1k photos (``shape_batches`` of 16, ``scaled_batches`` at both scales:
    the tensors are made before any clock starts); every variant timed ``--repeats`` times in turn (a, b, c, ..., a,
    b, c, ...) so the load of a shared machine hits them all; the best time of each kept; ``ratio_vs_torch`` > 1 is
    faster than torch.
@@ -69,12 +69,10 @@ QUALITY_VARIANTS = ("torch", "onnx-fp32", "onnx-int8 u8s8", "onnx-int8 u8s8 pct9
 
 
 def _batches(entries, ext, scales):
-    """The build's batches of ``entries`` (shape_batches of 16, images_to_batches), each at every scale, and the images."""
-    import torch.nn.functional as F
-
+    """The build's batches of ``entries`` (shape_batches of 16, scaled_batches at every scale), and the images."""
     from cbir.build import shrink
     from cbir.data import iter_decoded, shape_batches
-    from cbir.extractors.batching import images_to_batches, torch_inference
+    from cbir.extractors.batching import scaled_batches, torch_inference
 
     decoded = list(iter_decoded(entries, ext.max_side, workers=2))
     tensors, images = [], []
@@ -82,9 +80,7 @@ def _batches(entries, ext, scales):
         for _, item in shape_batches(iter(decoded), 16):
             imgs = [shrink(img, ext.max_side) for _, _, img in item]
             images += imgs
-            for _, batch in images_to_batches(imgs):
-                tensors.append([batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False,
-                                                                     antialias=s < 1) for s in scales])
+            tensors += [views for _, views in scaled_batches(imgs, scales)]
     return tensors, images
 
 

@@ -102,11 +102,10 @@ def bench_default(n_images: int, repeats: int = 3) -> dict:
     import tempfile
 
     import torch
-    import torch.nn.functional as F
 
     from cbir.build import build_index, resolve_extractor, shrink
     from cbir.data import iter_decoded, shape_batches
-    from cbir.extractors.batching import images_to_batches, torch_inference
+    from cbir.extractors.batching import scaled_batches, torch_inference
 
     ds, entries = _images(n_images)
     ext = resolve_extractor(None)  # DEFAULT_EXTRACTOR with DEFAULT_CONF, as the CLI makes it
@@ -116,9 +115,8 @@ def bench_default(n_images: int, repeats: int = 3) -> dict:
     tensors = []  # the build's batches (shape_batches of 16, as _local_batches makes them), each at every scale
     with torch_inference():
         for _, item in shape_batches(iter(decoded), 16):
-            for _, batch in images_to_batches([shrink(img, ext.max_side) for _, _, img in item]):
-                tensors += [batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False,
-                                                                  antialias=s < 1) for s in scales]
+            for _, views in scaled_batches([shrink(img, ext.max_side) for _, _, img in item], scales):
+                tensors += views
     ext.extract(imgs[:2])  # warm-up: weights loaded, first-call allocations made
 
     def decode():

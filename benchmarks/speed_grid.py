@@ -68,12 +68,11 @@ def child(spec: dict) -> dict:
     """One row, in this process: build, then raw forward and decode on the same images."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from cbir.build import build_index, resolve_extractor, shrink
     from cbir.data import iter_decoded, shape_batches
     from cbir.extractors import CONFS
-    from cbir.extractors.batching import images_to_batches, torch_inference
+    from cbir.extractors.batching import scaled_batches, torch_inference
     from cbir.runtime import set_threads
 
     set_threads(spec["threads"])
@@ -107,9 +106,8 @@ def child(spec: dict) -> dict:
     tensors = []
     with torch_inference():
         for _, item in shape_batches(iter(decoded), 16):
-            for _, batch in images_to_batches([shrink(img, ext.max_side) for _, _, img in item]):
-                tensors += [batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False,
-                                                                  antialias=s < 1) for s in scales]
+            for _, views in scaled_batches([shrink(img, ext.max_side) for _, _, img in item], scales):
+                tensors += views
     raws = []
     for _ in range(2):
         t0 = time.perf_counter()

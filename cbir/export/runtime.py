@@ -112,20 +112,17 @@ def pooled_with(ext, images: List[np.ndarray], forward: Callable) -> np.ndarray:
     """The pooled extractor's code around its graph (resize, batches, scales, flips, sum, L2) with ``forward`` (a float
     ``(B, 3, H, W)`` tensor -> ``(B, D)`` array) as the graph."""
     import torch
-    import torch.nn.functional as F
 
     from ..vectors import l2n
-    from ..extractors.batching import images_to_batches, resize_to
+    from ..extractors.batching import resize_to, scaled_batches
 
     out = np.zeros((len(images), getattr(ext, "raw_dim", ext.dim)), np.float32)
     images = resize_to(images, ext.conf.get("input_size") or getattr(ext.net, "input_size", None))
     with torch.inference_mode():
-        for idx, batch in images_to_batches(images):
+        for idx, views in scaled_batches(images, ext.conf["scales"], ext.conf["flip"]):
             acc = 0
-            for s in ext.conf["scales"]:
-                b = batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False, antialias=s < 1)
-                for v in ([b, b.flip(-1)] if ext.conf["flip"] else [b]):
-                    acc = acc + forward(v)
+            for v in views:
+                acc = acc + forward(v)
             out[idx] = l2n(acc)
     return out
 

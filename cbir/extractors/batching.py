@@ -5,7 +5,7 @@ The threads they run with are :func:`cbir.runtime.set_threads`'s."""
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Sequence, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -18,12 +18,8 @@ import numpy as np
 MAX_BATCH_PIXELS = 1_000_000
 
 
-def images_to_batches(images: List[np.ndarray], max_pixels: int = MAX_BATCH_PIXELS) -> Iterator[Tuple[List[int], "torch.Tensor"]]:
-    """Group RGB uint8 images by shape; yield (positions, float tensor (B, 3, H, W) in [0, 1]).
-
-    Images of one size (the usual case within a dataset) run together, at most ``max_pixels`` pixels per
-    batch (at least one image); other sizes run in their own batches.
-    """
+def _uint8_batches(images: List[np.ndarray], max_pixels: int) -> Iterator[Tuple[List[int], "torch.Tensor"]]:
+    """Images grouped by shape, at most ``max_pixels`` pixels per batch: (positions, uint8 (B, 3, H, W), channels-last)."""
     import torch
 
     groups: Dict[Tuple[int, int], List[int]] = {}
@@ -33,8 +29,36 @@ def images_to_batches(images: List[np.ndarray], max_pixels: int = MAX_BATCH_PIXE
         step = max(1, int(max_pixels) // max(1, h * w))
         for a in range(0, len(idx), step):
             sub = idx[a : a + step]
-            arr = np.stack([images[i] for i in sub])
-            yield sub, torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+            yield sub, torch.from_numpy(np.stack([images[i] for i in sub])).permute(0, 3, 1, 2)
+
+
+def images_to_batches(images: List[np.ndarray], max_pixels: int = MAX_BATCH_PIXELS) -> Iterator[Tuple[List[int], "torch.Tensor"]]:
+    """Group RGB uint8 images by shape; yield (positions, float tensor (B, 3, H, W) in [0, 1]).
+
+    Images of one size (the usual case within a dataset) run together, at most ``max_pixels`` pixels per
+    batch (at least one image); other sizes run in their own batches.
+    """
+    for sub, u8 in _uint8_batches(images, max_pixels):
+        yield sub, u8.float().div_(255.0)
+
+
+def scaled_batches(images: List[np.ndarray], scales: Sequence[float] = (1.0,), flip: bool = False,
+                   max_pixels: int = MAX_BATCH_PIXELS) -> Iterator[Tuple[List[int], List["torch.Tensor"]]]:
+    """:func:`images_to_batches` with each batch at every scale (then mirrored when ``flip``): yield (positions,
+    views), each view a float (B, 3, h, w) tensor in [0, 1] (multi-scale descriptors sum the views' descriptors).
+
+    Rescaling runs on the uint8 pixels (bilinear, antialiased when shrinking, half-pixel centres): torch's uint8
+    kernel is about 10x faster than the same filter on floats and within one grey level of it."""
+    import torch.nn.functional as F
+
+    for sub, u8 in _uint8_batches(images, max_pixels):
+        views = []
+        for s in scales:
+            b = u8 if float(s) == 1.0 else F.interpolate(u8, scale_factor=float(s), mode="bilinear", align_corners=False,
+                                                          antialias=float(s) < 1)
+            b = b.float().div_(255.0)
+            views += [b, b.flip(-1)] if flip else [b]
+        yield sub, views
 
 
 def resize_to(images: List[np.ndarray], size) -> List[np.ndarray]:

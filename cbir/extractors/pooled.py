@@ -9,7 +9,7 @@ import numpy as np
 from ..vectors import l2n
 from .base import EXTRACTORS, Extractor
 from .whitening import make_whitening, normalise_whiten
-from .batching import images_to_batches, resize_to, torch_inference
+from .batching import resize_to, scaled_batches, torch_inference
 
 
 def gem(x, p: float = 3.0, eps: float = 1e-6, weights=None):
@@ -206,9 +206,6 @@ class PooledExtractor(Extractor):
         return torch.cat(parts, 1)
 
     def extract(self, images: List[np.ndarray]) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
         from ..runtime import resolve_runtime, runner
 
         if resolve_runtime(self.conf["runtime"]) == "onnx":  # the same descriptor graph in onnxruntime (cbir/export)
@@ -217,14 +214,11 @@ class PooledExtractor(Extractor):
         out = np.zeros((len(images), self.raw_dim), np.float32)
         images = resize_to(images, self.conf["input_size"] or getattr(self.net, "input_size", None))
         with torch_inference():
-            for idx, batch in images_to_batches(images):
+            for idx, views in scaled_batches(images, self.conf["scales"], self.conf["flip"]):
                 acc = 0
-                for s in self.conf["scales"]:
-                    b = batch if s == 1.0 else F.interpolate(batch, scale_factor=s, mode="bilinear", align_corners=False, antialias=s < 1)
-                    views = [b, b.flip(-1)] if self.conf["flip"] else [b]
-                    for v in views:
-                        maps = self.maps(v)
-                        acc = acc + self.pool(maps, self.location_weights(v, maps))
+                for v in views:
+                    maps = self.maps(v)
+                    acc = acc + self.pool(maps, self.location_weights(v, maps))
                 out[idx] = l2n(acc.numpy())
         return out
 
