@@ -119,6 +119,7 @@ def test_segment_torn_by_a_crash_costs_only_its_batch(small_set, tmp_path, monke
     assert len(parts) == 2
     parts[-1].write_bytes(parts[-1].read_bytes()[:100])  # as if killed in the middle of the write
     (tmp_path / "idx.partial" / "rows" / "part-0000003.tmp").write_bytes(b"half")
+    (tmp_path / "idx.partial" / "rows" / "part-0000004.h5").write_bytes(b"")  # renamed, never written: a power cut
     monkeypatch.setattr(ColourExtractor, "extract", real)
     rep = build_index(entries, tmp_path / "idx", batch_size=4, **COLOUR)
     assert (rep.reused, rep.extracted, rep.count) == (4, 8, 12)

@@ -60,9 +60,10 @@ class SafeFile(io.RawIOBase):
     caller raises the kept error afterwards as a one-line :class:`WriteError`.
     """
 
-    def __init__(self, raw) -> None:
+    def __init__(self, raw, durable: bool = True) -> None:
         super().__init__()
         self.raw = raw
+        self.durable = durable  # flush() also fsyncs
         self.error: Optional[OSError] = None
         self.attempted = 0
 
@@ -102,7 +103,8 @@ class SafeFile(io.RawIOBase):
         if self.error is None:
             try:
                 self.raw.flush()
-                os.fsync(self.raw.fileno())
+                if self.durable:
+                    os.fsync(self.raw.fileno())
             except OSError as e:
                 self.error = e
 
@@ -117,16 +119,20 @@ class SafeFile(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def writing(path: os.PathLike, mode: str = "wb") -> Iterator[SafeFile]:
+def writing(path: os.PathLike, mode: str = "wb", durable: bool = True) -> Iterator[SafeFile]:
     """Write ``path`` atomically (``path.tmp`` then rename) through a :class:`SafeFile`; any OSError becomes a
-    :class:`WriteError` after the temporary file is removed, so a failed write leaves nothing behind."""
+    :class:`WriteError` after the temporary file is removed, so a failed write leaves nothing behind.
+
+    ``durable=False`` skips the fsyncs: the file survives the process being killed (the kernel has it) but not
+    always a power cut, which may leave it empty under its final name; for files a reader recomputes when it cannot
+    read them (a build's row segments), not for an index's own files."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         raw = open(tmp, "w+b", buffering=0)
     except OSError as e:
         raise write_error(tmp, e) from None
-    sf = SafeFile(raw)
+    sf = SafeFile(raw, durable)
     ok = False
     try:
         yield sf
@@ -148,12 +154,13 @@ def writing(path: os.PathLike, mode: str = "wb") -> Iterator[SafeFile]:
 
 
 @contextlib.contextmanager
-def h5_writing(path: os.PathLike):
-    """A new HDF5 file at ``path``, written atomically; disk-full and read-only targets give a :class:`WriteError`."""
+def h5_writing(path: os.PathLike, durable: bool = True):
+    """A new HDF5 file at ``path``, written atomically; disk-full and read-only targets give a :class:`WriteError`
+    (``durable``: as :func:`writing`'s)."""
     import h5py
 
     path = Path(path)
-    with writing(path) as sf:
+    with writing(path, durable=durable) as sf:
         f = h5py.File(sf, "w")
         try:
             yield f

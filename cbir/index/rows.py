@@ -102,7 +102,9 @@ class RowSegments:
     """Extracted rows kept as one small HDF5 file per batch, each written to a temporary name and renamed.
 
     A crash (even ``kill -9`` in the middle of a write) can lose only the batch being written: every
-    finished segment is a complete file. Segments written under another extractor key are ignored.
+    finished segment is a complete file. Segments are not fsynced (a build writes one per batch): a power cut can
+    leave recent ones empty, which :meth:`locate` reports as unreadable and the build extracts again. Segments
+    written under another extractor key are ignored.
     """
 
     def __init__(self, folder: os.PathLike, key: str) -> None:
@@ -120,7 +122,7 @@ class RowSegments:
         if not rows.names:
             return
         final = self.folder / f"part-{self._next:07d}.h5"
-        with h5_writing(final) as f:
+        with h5_writing(final, durable=False) as f:  # one a power cut empties is unreadable: its images are extracted again
             FeatureWriter(f, rows.values.shape[1], "f4", key="raw", attrs={"key": self.key}).append(rows)
         self._next += 1
 

@@ -192,8 +192,8 @@ def test_a_write_error_is_one_line_keeps_the_old_index_and_the_work(small_set, t
     real_init = atomic.SafeFile.__init__
     budget = {"features.h5.tmp": 2000}  # the final features file fails after 2 kB; row segments write normally
 
-    def init(self, raw):
-        real_init(self, raw)
+    def init(self, raw, *args, **kwargs):
+        real_init(self, raw, *args, **kwargs)
         room = budget.get(os.path.basename(raw.name))
         if room is not None:
             self.raw = _FailingRaw(raw, room, code)
