@@ -16,8 +16,10 @@ imports the export floor, so no module below ``cbir.export`` depends on it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -90,9 +92,38 @@ def torch_threads() -> int:
         return max(1, min(4, os.cpu_count() or 1))
 
 
+#: glibc's malloc serves blocks up to this size from its heap and keeps freed ones for reuse (its default, 128 KiB
+#: growing to 32 MiB, maps and unmaps larger ones each time). A network allocates and frees its activations on every
+#: forward: mapped afresh, each costs page faults on zeroed pages. Measured (300 corel1k photos, MobileNetV2 at both
+#: scales, 2 threads): forward 5.5 s -> 3.3 s, system time 3.2 s -> 0.02 s, peak RSS 1,213 -> 1,240 MiB.
+HEAP_BLOCK_MAX = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+_HEAP_KEPT: Optional[bool] = None
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks up to :data:`HEAP_BLOCK_MAX` for reuse (``mallopt``), once per process;
+    True when it does. Not on other platforms or C libraries, nor when ``$MALLOC_MMAP_THRESHOLD_`` /
+    ``$MALLOC_TRIM_THRESHOLD_`` (the user's own glibc tuning) or ``CBIR_MALLOC=system`` are set."""
+    global _HEAP_KEPT
+    if _HEAP_KEPT is None:
+        _HEAP_KEPT = False
+        own = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+        if sys.platform.startswith("linux") and not own and os.environ.get("CBIR_MALLOC", "") != "system":
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+                mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+                _HEAP_KEPT = mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, HEAP_BLOCK_MAX) == 1
+            except (OSError, AttributeError):  # no mallopt (musl, static builds)
+                pass
+    return _HEAP_KEPT
+
+
 def set_threads(n: int) -> None:
-    """Threads for torch, OpenCV and faiss. Call before heavy work; OMP_WAIT_POLICY must be set before import."""
+    """Threads for torch, OpenCV and faiss (and :func:`keep_freed_memory`). Call before heavy work; OMP_WAIT_POLICY
+    must be set before import."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    keep_freed_memory()
     import torch
 
     torch.set_num_threads(max(1, n))

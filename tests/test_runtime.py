@@ -1,5 +1,8 @@
 """The bottom-floor runtime switch and the registries that load their plugins by name."""
 
+import os
+import platform
+
 import pytest
 
 from cbir import runtime
@@ -57,3 +60,22 @@ def test_using_switches_the_process_default_for_a_block_and_puts_it_back(monkeyp
     assert runtime.default_runtime() == "torch"
     runtime.set_default_runtime(None)
     assert runtime.default_runtime() == "onnx"
+
+
+def _heap_kept(env_extra):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CBIR_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    code = "import cbir.runtime as r; a = r.keep_freed_memory(); print(a, r.keep_freed_memory() is a)"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **env_extra}, cwd=str(REPO), capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_memory_is_kept_on_glibc_unless_the_user_tunes_malloc():
+    assert _heap_kept({}) == ["True", "True"]  # once per process, the same answer after
+    assert _heap_kept({"CBIR_MALLOC": "system"}) == ["False", "True"]
+    assert _heap_kept({"MALLOC_MMAP_THRESHOLD_": "131072"}) == ["False", "True"]  # the user's own glibc tuning wins

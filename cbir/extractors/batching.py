@@ -14,8 +14,11 @@ import numpy as np
 
 
 #: pixels per network forward: bounds the activations' memory whatever the batch size (DISK's U-Net keeps
-#: 64-channel full-resolution maps: ~10 GB for 16 images of 512x384). On CPU larger batches are no faster.
-MAX_BATCH_PIXELS = 1_000_000
+#: 64-channel full-resolution maps: ~10 GB for 16 images of 512x384; MobileNetV2's first expanded layer is 94 MB for
+#: 10 corel photos). On CPU larger batches are no faster: MobileNetV2 at 512x384 takes 12.8 ms per image in batches
+#: of 2, 12.7 of 5, 13.1 of 10 (15.8 alone). 1M pixels gave default builds a peak RSS of 660-800 MiB varying run to
+#: run, 500k 516-534 MiB at the same speed (500 and 2,000 corel photos, twice each).
+MAX_BATCH_PIXELS = 500_000
 
 
 def _uint8_batches(images: List[np.ndarray], max_pixels: int) -> Iterator[Tuple[List[int], "torch.Tensor"]]:
@@ -75,5 +78,8 @@ def resize_to(images: List[np.ndarray], size) -> List[np.ndarray]:
 def torch_inference():
     import torch
 
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # activations reused from the heap, not mapped afresh each forward (cbir.runtime)
     with torch.inference_mode():
         yield
