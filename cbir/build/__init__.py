@@ -34,10 +34,10 @@ PathLike = Union[str, os.PathLike]
 #: local features stored for re-ranking by a plain extractor name (--local sift): the 1024 strongest keypoints at up to
 #: 1024 px; named confs (--local default) bring their own (cbir.local.confs)
 from ..local.confs import LOCAL_DEFAULTS  # noqa: E402,F401
-#: bytes of rows the final write holds at once (features.h5 and the faiss index are written chunk by chunk): with
-#: 64 MiB a default build of 8,000 photos held all its rows twice at the end (peak RSS 570 MiB against 445 while
-#: extracting); the faiss structure itself is the part of the peak that grows with N
-FINAL_CHUNK_BYTES = 16 << 20
+#: bytes of rows the final write holds at once (features.h5 and the faiss index are written chunk by chunk): a
+#: default build of 8,000 photos peaked at 570 MiB with 64 MiB chunks (rows held twice at the end, against 505 while
+#: extracting), 521 with 4 MiB; what still grows with N is the search structure itself (5 KB per image when flat)
+FINAL_CHUNK_BYTES = 4 << 20
 
 
 def resolve_extractor(extractor: Union[str, Extractor, None] = None, conf: Optional[Dict[str, Any]] = None) -> Extractor:
