@@ -122,8 +122,16 @@ class RowSegments:
         if not rows.names:
             return
         final = self.folder / f"part-{self._next:07d}.h5"
-        with h5_writing(final, durable=False) as f:  # one a power cut empties is unreadable: its images are extracted again
-            FeatureWriter(f, rows.values.shape[1], "f4", key="raw", attrs={"key": self.key}).append(rows)
+        s = str_dtype()
+        # one a power cut empties is unreadable: its images are extracted again. Written once, never appended to:
+        # fixed-size datasets (1.1 ms per 16 rows, 4.2 ms as FeatureWriter's resizable chunked ones)
+        with h5_writing(final, durable=False) as f:
+            f.attrs["key"] = self.key
+            for name, vals in (("names", rows.names), ("paths", rows.paths), ("labels", ["" if l is None else l for l in rows.labels])):
+                f.create_dataset(name, data=np.asarray(vals, dtype=object), dtype=s)
+            f.create_dataset("file_size", data=np.asarray(rows.sizes, "i8"))
+            f.create_dataset("file_mtime", data=np.asarray(rows.mtimes, "f8"))
+            f.create_dataset("raw", data=np.asarray(rows.values, np.float32))
         self._next += 1
 
     def nbytes(self) -> int:
