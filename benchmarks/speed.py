@@ -92,7 +92,7 @@ def bench_extraction(n_images: int) -> dict:
     return out
 
 
-def bench_default(n_images: int, repeats: int = 3) -> dict:
+def bench_default(n_images: int, repeats: int = 5) -> dict:
     """The default pipeline's build (``index build`` without ``--extractor``: decode in threads, both scales, row
     segments, features.h5, faiss, k-NN graph) against the raw network forward alone over the same decoded batches at
     both scales (the input tensors made beforehand, outside the clock), and against decoding alone. Each is timed
